@@ -1,0 +1,1 @@
+"""Data: procedural visual relations, the VisRel TFDS builder and the grain input pipeline."""
