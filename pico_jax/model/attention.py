@@ -1,0 +1,194 @@
+"""The one attention function of the model, with capture and edit hooks.
+
+Every attention call in the FLUX transformer goes through `attention()`. Ordinary layers use
+the fused kernel (`jax.nn.dot_product_attention`: cuDNN flash attention on GPU, XLA elsewhere).
+A layer selected by a hook instead computes its logits explicitly, one head at a time (so a
+4096+512-token FLUX canvas needs one N×N map in memory, not H of them), and
+
+* *capture* reduces the attention probabilities on the fly to two small statistics
+  (never the N×N map itself):
+    - ``group_mass[b, i, j]``: for queries of token group i, the attention mass on keys of
+      group j, averaged over the queries of group i and over heads (rows sum to 1);
+    - ``key_map[b, i, k]``: the attention each key token k receives from the queries of
+      group i, averaged over those queries and over heads (an attention map per group);
+* *edit* changes the logits before the softmax: a bias per (query group, key group), and
+  Analogist-style *cloning*, which sets one panel-to-panel logit block from another one,
+  scaled (e.g. B'→A' := 1.3 · (B→A)).
+
+Which layers are captured/edited is data (boolean arrays, one entry per layer), so the hooks
+work inside the scanned layer stacks, under `jit`, and under `vmap` (the selection flag is not
+batched, so `lax.cond` stays a real branch and unselected layers pay nothing).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Clone(NamedTuple):
+    """Logit block (dst_q panel → dst_k panel) := scale · (src_q panel → src_k panel).
+
+    Panels index `AttentionHooks.panel_tokens` (for the PICO canvas: 0=A, 1=A', 2=B, 3=B').
+    """
+
+    dst_q: int
+    dst_k: int
+    src_q: int
+    src_k: int
+
+
+@flax.struct.dataclass
+class AttentionHooks:
+    """What to capture and what to edit, for every attention layer of the model.
+
+    Layers are numbered double-stream blocks first, then single-stream blocks.
+    `groups` labels every token of the joint [text, image] sequence with a group id in
+    [0, num_groups). Arrays are traced (they may change between calls without recompiling);
+    `num_groups` and `clones` are static.
+    """
+
+    groups: jax.Array  # (N,) int32
+    capture: jax.Array  # (num_layers,) bool
+    edit: jax.Array  # (num_layers,) bool
+    logit_bias: jax.Array | None = None  # (G, G) float added to logits on edited layers
+    panel_tokens: jax.Array | None = None  # (P, n) int32 token indices of each panel, raster order
+    clone_scale: jax.Array | None = None  # () float
+    num_groups: int = flax.struct.field(pytree_node=False, default=5)
+    clones: tuple[Clone, ...] = flax.struct.field(pytree_node=False, default=())
+
+    @classmethod
+    def make(
+        cls,
+        groups,
+        num_layers: int,
+        num_groups: int,
+        capture_layers=(),
+        edit_layers=(),
+        logit_bias=None,
+        panel_tokens=None,
+        clones: tuple[Clone, ...] = (),
+        clone_scale: float = 1.0,
+    ) -> "AttentionHooks":
+        """Build hooks from layer index lists (negative indices count from the end)."""
+
+        def flags(layers):
+            f = np.zeros(num_layers, bool)
+            for i in layers:
+                if not -num_layers <= i < num_layers:
+                    raise ValueError(f"hook layer {i} out of range for a model with {num_layers} attention layers")
+                f[i] = True
+            return jnp.asarray(f)
+
+        groups = jnp.asarray(groups, jnp.int32)
+        if clones and panel_tokens is None:
+            raise ValueError("clone edits need panel_tokens (the token indices of each panel)")
+        return cls(
+            groups=groups,
+            capture=flags(capture_layers),
+            edit=flags(edit_layers),
+            logit_bias=None if logit_bias is None else jnp.asarray(logit_bias, jnp.float32),
+            panel_tokens=None if panel_tokens is None else jnp.asarray(panel_tokens, jnp.int32),
+            clone_scale=jnp.asarray(clone_scale, jnp.float32),
+            num_groups=num_groups,
+            clones=tuple(Clone(*c) for c in clones),
+        )
+
+    def gated(self, on) -> "AttentionHooks":
+        """The same hooks, switched off entirely when `on` (a traced bool, e.g. 'this step') is False."""
+        on = jnp.asarray(on, bool)
+        return self.replace(capture=self.capture & on, edit=self.edit & on)
+
+
+class Captured(NamedTuple):
+    """Per-layer capture statistics (zeros on layers not captured). Leading axis: layer."""
+
+    group_mass: jax.Array  # (L, B, G, G)
+    key_map: jax.Array  # (L, B, G, N)
+    captured: jax.Array  # (L,) bool — which layers hold real statistics
+
+
+def empty_stats(batch: int, num_groups: int, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    return (
+        jnp.zeros((batch, num_groups, num_groups), jnp.float32),
+        jnp.zeros((batch, num_groups, num_tokens), jnp.float32),
+    )
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """(B, N, H, D) × 3 → (B, N, H, D) with the backend's fused kernel (scale 1/sqrt(D))."""
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+def _edit_logits(logits: jax.Array, hooks: AttentionHooks) -> jax.Array:
+    """logits: (B, N, N) for one head, fp32."""
+    if hooks.logit_bias is not None:
+        g = hooks.groups
+        logits = logits + hooks.logit_bias[g[:, None], g[None, :]]
+    if hooks.clones:
+        # All clones read the unedited logits, so the order of clones does not matter.
+        source = logits
+        pt = hooks.panel_tokens
+        for c in hooks.clones:
+            src = source[:, pt[c.src_q][:, None], pt[c.src_k][None, :]]
+            logits = logits.at[:, pt[c.dst_q][:, None], pt[c.dst_k][None, :]].set(hooks.clone_scale * src)
+    return logits
+
+
+def explicit_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, hooks: AttentionHooks, capture_on, edit_on
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Attention with explicit logits, head by head; returns (output, (group_mass, key_map))."""
+    b, n, h, d = q.shape
+    groups = hooks.groups
+    onehot = jax.nn.one_hot(groups, hooks.num_groups, dtype=jnp.float32)  # (N, G)
+    counts = jnp.maximum(onehot.sum(0), 1.0)  # (G,)
+    query_avg = (onehot / counts).T  # (G, N): mean over the queries of a group
+    scale = 1.0 / np.sqrt(d)
+
+    def one_head(qkv_h):
+        qh, kh, vh = qkv_h  # (B, N, D)
+        logits = jnp.einsum("bqd,bkd->bqk", qh, kh, preferred_element_type=jnp.float32) * scale
+        logits = jax.lax.cond(edit_on, lambda l: _edit_logits(l, hooks), lambda l: l, logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bqk,bkd->bqd", probs.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+        key_map = jnp.einsum("gq,bqk->bgk", query_avg, probs)  # (B, G, N)
+        group_mass = jnp.einsum("bgk,kh->bgh", key_map, onehot)  # (B, G, G)
+        return out.astype(q.dtype), group_mass, key_map
+
+    per_head = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v))  # (H, B, N, D)
+    out, group_mass, key_map = jax.lax.map(one_head, per_head)
+    out = jnp.moveaxis(out, 0, 2)  # (B, N, H, D)
+    on = jnp.asarray(capture_on, jnp.float32)
+    return out, (group_mass.mean(0) * on, key_map.mean(0) * on)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    hooks: AttentionHooks | None = None,
+    capture_on=False,
+    edit_on=False,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Multi-head attention over (B, N, H, D) inputs (rotary already applied).
+
+    Returns ``(out, stats)`` with ``out`` of shape (B, N, H*D); ``stats`` is None without hooks,
+    else ``(group_mass (B,G,G), key_map (B,G,N))``, zeros unless ``capture_on``.
+    """
+    b, n, h, d = q.shape
+    if hooks is None:
+        return fused_attention(q, k, v).reshape(b, n, h * d), None
+
+    def fast(q, k, v):
+        return fused_attention(q, k, v), empty_stats(b, hooks.num_groups, n)
+
+    def slow(q, k, v):
+        return explicit_attention(q, k, v, hooks, capture_on, edit_on)
+
+    out, stats = jax.lax.cond(jnp.logical_or(capture_on, edit_on), slow, fast, q, k, v)
+    return out.reshape(b, n, h * d), stats

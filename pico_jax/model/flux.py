@@ -1,0 +1,458 @@
+"""The FLUX.1 transformer in Flax NNX: double-stream and single-stream blocks, 3-axis RoPE,
+AdaLN modulation, QK RMS-norm, scanned layer stacks with optional rematerialization.
+
+Parameters follow the BFL layout (fused QKV; single-block `linear1` = [q, k, v, mlp]), which
+is also the fastest: one matmul where diffusers issues three or four. `pico_jax.convert` maps
+diffusers and BFL checkpoints onto it. Kernels are (in, out).
+
+The forward takes diffusers' `FluxTransformer2DModel.forward` arguments by the same names and
+with the same meaning (timestep and guidance in [0, 1] model units, multiplied by 1000 inside).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pico_jax.model.attention import AttentionHooks, Captured, attention
+
+
+# --------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+    in_channels: int = 64
+    out_channels: int | None = None  # None: same as in_channels (diffusers' default)
+    num_double: int = 19
+    num_single: int = 38
+    num_heads: int = 24
+    head_dim: int = 128
+    context_dim: int = 4096  # T5 width ("joint_attention_dim")
+    pooled_dim: int = 768  # CLIP pooled width
+    guidance_embeds: bool = True
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    rope_theta: float = 10000.0
+    mlp_ratio: float = 4.0
+    patch_size: int = 1
+    # How the layer stacks run: "none" keeps all activations; "full" recomputes each block in
+    # the backward pass; "dots" saves matmul outputs without batch dims (jax checkpoint policy).
+    remat: str = "none"
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def output_channels(self) -> int:
+        return self.patch_size * self.patch_size * (self.out_channels or self.in_channels)
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_double + self.num_single
+
+    def __post_init__(self):
+        if sum(self.axes_dims_rope) != self.head_dim:
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to head_dim {self.head_dim}")
+        if any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must all be even")
+
+    def replace(self, **kw) -> "FluxConfig":
+        return dataclasses.replace(self, **kw)
+
+    # --- named configurations --------------------------------------------------------------
+    @classmethod
+    def flux1_dev(cls, **kw) -> "FluxConfig":
+        return cls(**kw)
+
+    @classmethod
+    def flux1_schnell(cls, **kw) -> "FluxConfig":
+        return cls(guidance_embeds=False, **kw)
+
+    @classmethod
+    def flux1_fill_dev(cls, **kw) -> "FluxConfig":
+        return cls(in_channels=384, out_channels=64, **kw)
+
+    @classmethod
+    def named(cls, name: str) -> "FluxConfig":
+        table = {
+            "flux1-dev": cls.flux1_dev,
+            "flux1-schnell": cls.flux1_schnell,
+            "flux1-fill-dev": cls.flux1_fill_dev,
+        }
+        if name not in table:
+            raise ValueError(f"unknown FLUX config {name!r}; known: {sorted(table)}")
+        return table[name]()
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "FluxConfig":
+        """From a diffusers `FluxTransformer2DModel` config.json dict."""
+        return cls(
+            in_channels=cfg.get("in_channels", 64),
+            out_channels=cfg.get("out_channels"),
+            num_double=cfg.get("num_layers", 19),
+            num_single=cfg.get("num_single_layers", 38),
+            num_heads=cfg.get("num_attention_heads", 24),
+            head_dim=cfg.get("attention_head_dim", 128),
+            context_dim=cfg.get("joint_attention_dim", 4096),
+            pooled_dim=cfg.get("pooled_projection_dim", 768),
+            guidance_embeds=cfg.get("guidance_embeds", False),
+            axes_dims_rope=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
+            patch_size=cfg.get("patch_size", 1),
+        )
+
+    def to_diffusers(self) -> dict:
+        return {
+            "_class_name": "FluxTransformer2DModel",
+            "patch_size": self.patch_size,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "num_layers": self.num_double,
+            "num_single_layers": self.num_single,
+            "attention_head_dim": self.head_dim,
+            "num_attention_heads": self.num_heads,
+            "joint_attention_dim": self.context_dim,
+            "pooled_projection_dim": self.pooled_dim,
+            "guidance_embeds": self.guidance_embeds,
+            "axes_dims_rope": list(self.axes_dims_rope),
+        }
+
+
+# --------------------------------------------------------------------------------------- layers
+class Dense(nnx.Module):
+    """A linear layer y = x·W + b with an optional LoRA branch (x·A)·B · (alpha / rank).
+
+    LoRA factors are `nnx.LoRAParam`s so a trainer can select exactly them; they are added by
+    `pico_jax.model.lora.add_lora`, never present after plain construction.
+    """
+
+    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, bias=True):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (din, dout), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype)) if bias else None
+        self.lora_a: nnx.LoRAParam | None = None
+        self.lora_b: nnx.LoRAParam | None = None
+        self.lora_scale: float = 1.0
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+            y = y + jnp.dot(low, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """QK norm: x / rms(x) · scale over the last axis, statistics in fp32."""
+
+    def __init__(self, dim: int, *, param_dtype=jnp.float32, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters, statistics in fp32 (FLUX's pre-modulation norm)."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return layer_norm(x) * (1 + scale) + shift
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding [cos, sin] of t (already in 0..1000 units), as FLUX/diffusers."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rope_tables(ids: jax.Array, axes_dims: tuple[int, ...], theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables (N, head_dim) for 3-axis positions ids (N, 3), each frequency repeated twice
+    (interleaved pairs), matching diffusers' FluxPosEmbed / BFL's EmbedND."""
+    cos, sin = [], []
+    for axis, d in enumerate(axes_dims):
+        freqs = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        angles = ids[:, axis].astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None]
+        cos.append(jnp.repeat(jnp.cos(angles), 2, axis=-1))
+        sin.append(jnp.repeat(jnp.sin(angles), 2, axis=-1))
+    return jnp.concatenate(cos, -1), jnp.concatenate(sin, -1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs of x (B, N, H, D) by the angles of the tables (N, D), in fp32."""
+    xf = x.astype(jnp.float32)
+    pairs = xf.reshape(*xf.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(xf.shape)
+    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return out.astype(x.dtype)
+
+
+class MLPEmbedder(nnx.Module):
+    def __init__(self, din: int, dim: int, *, rngs, dtype, param_dtype):
+        self.in_layer = Dense(din, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.out_layer = Dense(dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x):
+        return self.out_layer(jax.nn.silu(self.in_layer(x)))
+
+
+class StreamParams(nnx.Module):
+    """The per-stream weights of a double block (one for the image stream, one for text)."""
+
+    def __init__(self, cfg: FluxConfig, *, rngs, dtype, param_dtype):
+        D, M = cfg.width, cfg.mlp_width
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mod = Dense(D, 6 * D, **kw)
+        self.qkv = Dense(D, 3 * D, **kw)
+        self.q_norm = RMSNorm(cfg.head_dim, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(cfg.head_dim, param_dtype=param_dtype)
+        self.proj = Dense(D, D, **kw)
+        self.mlp_in = Dense(D, M, **kw)
+        self.mlp_out = Dense(M, D, **kw)
+
+    def pre_attention(self, x, vec, heads):
+        mod = self.mod(jax.nn.silu(vec))[:, None, :]
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+        h = modulate(x, shift1, scale1)
+        b, n, _ = h.shape
+        q, k, v = jnp.split(self.qkv(h).reshape(b, n, 3, heads, -1), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        return (self.q_norm(q), self.k_norm(k), v), (gate1, shift2, scale2, gate2)
+
+    def post_attention(self, x, attn, mods):
+        gate1, shift2, scale2, gate2 = mods
+        x = x + gate1 * self.proj(attn)
+        return x + gate2 * self.mlp_out(gelu_tanh(self.mlp_in(modulate(x, shift2, scale2))))
+
+
+class DoubleBlock(nnx.Module):
+    """Image and text streams with their own weights, attending jointly over [text, image]."""
+
+    def __init__(self, cfg: FluxConfig, *, rngs, dtype, param_dtype):
+        self.img = StreamParams(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.txt = StreamParams(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.heads = cfg.num_heads
+
+    def __call__(self, img, txt, vec, cos, sin, hooks, capture_on, edit_on):
+        (iq, ik, iv), imods = self.img.pre_attention(img, vec, self.heads)
+        (tq, tk, tv), tmods = self.txt.pre_attention(txt, vec, self.heads)
+        q = apply_rope(jnp.concatenate([tq, iq], 1), cos, sin)
+        k = apply_rope(jnp.concatenate([tk, ik], 1), cos, sin)
+        v = jnp.concatenate([tv, iv], 1)
+        out, stats = attention(q, k, v, hooks, capture_on, edit_on)
+        n_txt = txt.shape[1]
+        txt = self.txt.post_attention(txt, out[:, :n_txt], tmods)
+        img = self.img.post_attention(img, out[:, n_txt:], imods)
+        return img, txt, stats
+
+
+class SingleBlock(nnx.Module):
+    """One stream over [text, image]: parallel attention and MLP from one fused input matmul."""
+
+    def __init__(self, cfg: FluxConfig, *, rngs, dtype, param_dtype):
+        D, M = cfg.width, cfg.mlp_width
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mod = Dense(D, 3 * D, **kw)
+        self.linear1 = Dense(D, 3 * D + M, **kw)
+        self.linear2 = Dense(D + M, D, **kw)
+        self.q_norm = RMSNorm(cfg.head_dim, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(cfg.head_dim, param_dtype=param_dtype)
+        self.heads, self.width = cfg.num_heads, D
+
+    def __call__(self, x, vec, cos, sin, hooks, capture_on, edit_on):
+        shift, scale, gate = jnp.split(self.mod(jax.nn.silu(vec))[:, None, :], 3, axis=-1)
+        h = self.linear1(modulate(x, shift, scale))
+        b, n, _ = h.shape
+        qkv, mlp = h[..., : 3 * self.width], h[..., 3 * self.width :]
+        q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, -1), 3, axis=2)
+        q = apply_rope(self.q_norm(q[:, :, 0]), cos, sin)
+        k = apply_rope(self.k_norm(k[:, :, 0]), cos, sin)
+        out, stats = attention(q, k, v[:, :, 0], hooks, capture_on, edit_on)
+        return x + gate * self.linear2(jnp.concatenate([out, gelu_tanh(mlp)], -1)), stats
+
+
+def _stack(make, n: int, rngs: nnx.Rngs):
+    """n copies of a module with parameters stacked on a leading layer axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(r):
+        return make(r)
+
+    return build(rngs)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str):
+    """lax.scan of `body(block, carry, x) -> (carry, y)` over a stacked module's layers."""
+    graphdef, state = nnx.split(stacked)
+
+    def step(carry, layer):
+        layer_state, x = layer
+        return body(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat != "none":
+        if remat not in _REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; choose none, {', '.join(_REMAT_POLICIES)}")
+        step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(step, carry, (state, xs))
+
+
+# ---------------------------------------------------------------------------------------- model
+class FluxTransformer(nnx.Module):
+    """FLUX.1 transformer. Call it with diffusers' FluxTransformer2DModel.forward arguments."""
+
+    def __init__(
+        self,
+        cfg: FluxConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ):
+        self.config = cfg
+        self.dtype = dtype
+        D = cfg.width
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.img_in = Dense(cfg.in_channels, D, **kw)
+        self.txt_in = Dense(cfg.context_dim, D, **kw)
+        self.time_in = MLPEmbedder(256, D, **kw)
+        self.vector_in = MLPEmbedder(cfg.pooled_dim, D, **kw)
+        self.guidance_in = MLPEmbedder(256, D, **kw) if cfg.guidance_embeds else None
+        block_kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.double_blocks = _stack(lambda r: DoubleBlock(cfg, rngs=r, **block_kw), cfg.num_double, rngs)
+        self.single_blocks = _stack(lambda r: SingleBlock(cfg, rngs=r, **block_kw), cfg.num_single, rngs)
+        self.final_mod = Dense(D, 2 * D, **kw)  # BFL order: (shift, scale)
+        self.final_proj = Dense(D, cfg.output_channels, **kw)
+
+    def conditioning(self, timestep, pooled_projections, guidance=None) -> jax.Array:
+        """The modulation vector: embed(t) + embed(guidance) + embed(pooled text)."""
+        vec = self.time_in(timestep_embedding(timestep * 1000.0).astype(self.dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this FLUX model has a guidance embedding (guidance_embeds=True): pass `guidance`")
+            vec = vec + self.guidance_in(timestep_embedding(guidance * 1000.0).astype(self.dtype))
+        elif guidance is not None:
+            raise ValueError("this FLUX model has no guidance embedding (guidance_embeds=False): pass guidance=None")
+        return vec + self.vector_in(pooled_projections)
+
+    def __call__(
+        self,
+        hidden_states,
+        encoder_hidden_states,
+        pooled_projections,
+        timestep,
+        img_ids,
+        txt_ids,
+        guidance=None,
+        hooks: AttentionHooks | None = None,
+    ):
+        """Velocity prediction for packed image tokens.
+
+        Args (as diffusers): hidden_states (B, N_img, in_channels); encoder_hidden_states
+        (B, N_txt, context_dim); pooled_projections (B, pooled_dim); timestep (B,) in [0, 1];
+        img_ids (N_img, 3) and txt_ids (N_txt, 3) (a leading batch axis is accepted and
+        dropped, as diffusers does); guidance (B,) or None.
+
+        Returns (B, N_img, output_channels); with `hooks`, a tuple (output, Captured).
+        """
+        cfg = self.config
+        img = self.img_in(jnp.asarray(hidden_states))
+        txt = self.txt_in(jnp.asarray(encoder_hidden_states))
+        b = img.shape[0]
+        timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,))
+        if guidance is not None:
+            guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32).reshape(-1), (b,))
+        vec = self.conditioning(timestep, jnp.asarray(pooled_projections), guidance)
+
+        img_ids, txt_ids = jnp.asarray(img_ids), jnp.asarray(txt_ids)
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        cos, sin = rope_tables(jnp.concatenate([txt_ids, img_ids], 0), cfg.axes_dims_rope, cfg.rope_theta)
+
+        if hooks is None:
+            flags = jnp.zeros((cfg.num_layers, 2), bool)
+        else:
+            flags = jnp.stack([hooks.capture, hooks.edit], -1)
+
+        def double_body(block, carry, f):
+            img, txt = carry
+            img, txt, stats = block(img, txt, vec, cos, sin, hooks, f[0], f[1])
+            return (img, txt), stats
+
+        (img, txt), d_stats = _scan_blocks(double_body, (img, txt), self.double_blocks, flags[: cfg.num_double], cfg.remat)
+
+        def single_body(block, x, f):
+            return block(x, vec, cos, sin, hooks, f[0], f[1])
+
+        n_txt = txt.shape[1]
+        x, s_stats = _scan_blocks(
+            single_body, jnp.concatenate([txt, img], 1), self.single_blocks, flags[cfg.num_double :], cfg.remat
+        )
+        img = x[:, n_txt:]
+
+        shift, scale = jnp.split(self.final_mod(jax.nn.silu(vec))[:, None, :], 2, axis=-1)
+        out = self.final_proj(modulate(img, shift, scale))
+        if hooks is None:
+            return out
+        captured = Captured(
+            group_mass=jnp.concatenate([d_stats[0], s_stats[0]], 0),
+            key_map=jnp.concatenate([d_stats[1], s_stats[1]], 0),
+            captured=hooks.capture,
+        )
+        return out, captured
+
+
+# -------------------------------------------------------------------------------------- helpers
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def abstract_model(cfg: FluxConfig, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16) -> FluxTransformer:
+    """The model with ShapeDtypeStruct leaves: traces any size without allocating it."""
+    return nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+
+
+def jit_forward(model: FluxTransformer):
+    """A jitted callable with the model's forward signature (params captured by value)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fwd(state, *args, **kwargs):
+        return nnx.merge(graphdef, state)(*args, **kwargs)
+
+    def call(*args, **kwargs):
+        return fwd(state, *args, **kwargs)
+
+    return call
