@@ -1,0 +1,177 @@
+"""Device meshes, parameter sharding by logical axis rules, and multi-host start-up.
+
+The mesh always has the three axes ('data', 'fsdp', 'tensor'). Parameters are sharded by
+*rules*: a parameter's path decides its logical axes (e.g. a QKV kernel is ('layers', 'embed',
+'mlp')), and LOGICAL_TO_MESH maps logical axes to mesh axes ('embed' → 'fsdp' for ZeRO-3 style
+sharding of the frozen base too, 'mlp' → 'tensor' for Megatron-style tensor parallelism). A
+dimension that the mesh axis does not divide is replicated instead of failing. Batches are
+sharded over ('data', 'fsdp').
+
+This is the one place where sharding is decided; model code carries no sharding annotations.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_TO_MESH: dict[str, str | None] = {
+    "layers": None,
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "lora": None,
+}
+
+# Parameter path (dotted, without the leading layer axis) → logical axes of its trailing dims.
+# The first rule that matches wins. Kernels are (in, out).
+_DOWN = r"(proj|mlp_out|linear2|final_proj|out_layer)"
+PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"\.lora_a$", ("embed", "lora")),
+    (r"\.lora_b$", ("lora", "mlp")),
+    (rf"(^|\.){_DOWN}\.kernel$", ("mlp", "embed")),
+    (r"\.kernel$", ("embed", "mlp")),
+    (r"\.bias$", (None,)),
+    (r"\.scale$", (None,)),
+    (r".*", ()),  # anything else: replicated
+]
+
+
+class MeshError(ValueError):
+    pass
+
+
+def parse_mesh_spec(spec: str | Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
+    """'data=2,fsdp=4' → {'data': 2, 'fsdp': 4, 'tensor': 1}; unspecified axes absorb the rest.
+
+    With no spec, all devices go to 'fsdp' (shards both parameters and batch)."""
+    if spec is None or spec == "":
+        sizes: dict[str, int] = {}
+    elif isinstance(spec, str):
+        sizes = {}
+        for part in spec.split(","):
+            name, sep, value = part.partition("=")
+            name = name.strip()
+            if not sep or name not in MESH_AXES or not value.strip().isdigit() or int(value) < 1:
+                raise MeshError(
+                    f"--mesh {spec!r}: expected comma-separated axis=size with axes from {MESH_AXES}, "
+                    f"e.g. 'data=2,fsdp=4'; could not read {part!r}"
+                )
+            sizes[name] = int(value)
+    else:
+        sizes = dict(spec)
+    given = int(np.prod(list(sizes.values()))) if sizes else 1
+    free = [a for a in MESH_AXES if a not in sizes]
+    if num_devices % given:
+        raise MeshError(f"mesh {sizes} uses {given} devices, which does not divide the {num_devices} available")
+    rest = num_devices // given
+    if rest > 1 and not free:
+        raise MeshError(f"mesh {sizes} uses {given} of {num_devices} devices; all axes are fixed, so {rest}x are idle")
+    for a in MESH_AXES:
+        sizes.setdefault(a, 1)
+    if rest > 1:
+        sizes["fsdp" if "fsdp" in free else free[0]] *= rest
+    return {a: sizes[a] for a in MESH_AXES}
+
+
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over all (or the given) devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = parse_mesh_spec(spec, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def logical_axes(name: str, ndim: int, stacked: bool) -> tuple[str | None, ...]:
+    """Logical axes of a parameter from its dotted path and rank."""
+    for pattern, axes in PARAM_RULES:
+        if re.search(pattern, name):
+            break
+    lead = ("layers",) if stacked else ()
+    axes = lead + tuple(axes)
+    if len(axes) != ndim:  # unknown rank: replicate rather than guess
+        axes = lead + (None,) * (ndim - len(lead))
+    return axes
+
+
+def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    stacked = name.startswith(("double_blocks.", "single_blocks."))
+    axes = logical_axes(name, len(shape), stacked)
+    out = []
+    for dim, logical in zip(shape, axes):
+        mesh_axis = LOGICAL_TO_MESH.get(logical) if logical else None
+        if mesh_axis is not None and (mesh.shape[mesh_axis] == 1 or dim % mesh.shape[mesh_axis]):
+            mesh_axis = None
+        out.append(mesh_axis)
+    return P(*out)
+
+
+def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(name, shape, mesh))
+
+
+def param_placer(mesh: Mesh):
+    """For `load_flux_transformer(place=...)`: put each parameter straight onto its shards."""
+
+    def place(name: str, array: np.ndarray) -> jax.Array:
+        return jax.device_put(array, param_sharding(name, array.shape, mesh))
+
+    return place
+
+
+def state_shardings(state, mesh: Mesh):
+    """A pytree of NamedShardings matching an nnx.State (concrete or abstract)."""
+    from flax import nnx
+
+    flat = nnx.to_flat_state(state)
+    leaves = []
+    for key_path, var in flat:
+        name = ".".join(str(p) for p in key_path)
+        leaves.append((key_path, var.replace(param_sharding(name, var.get_value().shape, mesh))))
+    return nnx.from_flat_state(leaves)
+
+
+def shard_state(state, mesh: Mesh):
+    """Place every leaf of an nnx.State onto the mesh by the rules."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), state, state_shardings(state, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def maybe_initialize_distributed() -> bool:
+    """Start multi-host JAX when launched as one process of many.
+
+    Runs `jax.distributed.initialize()` when a coordinator is configured (JAX_COORDINATOR_ADDRESS,
+    or a cluster JAX auto-detects: SLURM, Open MPI, TPU pod slices via PICO_MULTIHOST=1). Returns
+    True when more than one process takes part. Call it before touching any device.
+    """
+    wanted = any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "PICO_MULTIHOST")) or (
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+    if wanted:
+        jax.distributed.initialize()
+    return jax.process_count() > 1
+
+
+def host_batch_slice(global_batch: int) -> tuple[int, int]:
+    """This host's share of a global batch: (per-host batch size, first index)."""
+    n, i = jax.process_count(), jax.process_index()
+    if global_batch % n:
+        raise MeshError(f"global batch {global_batch} is not divisible by the {n} hosts")
+    per = global_batch // n
+    return per, i * per
