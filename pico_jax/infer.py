@@ -1,0 +1,235 @@
+"""Command-line inference: python infer.py --exemplar A.png A_out.png --query B.png --out DIR."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DESCRIPTION = """\
+PICO in-context inference. Show ONE example pair (A -> A') and one or more query images B;
+the model paints B' by applying the same transformation to each B. Nothing names the task:
+the exemplar defines it (segment *this* object, recolour, denoise, estimate depth, ...).
+
+For every query, writes
+  OUT/<query>.png        the chosen B', at the query's original size
+  OUT/<query>_grid.png   the 2x2 canvas  [A | A'] / [B | B']
+and OUT/scores.json     every seed's score and the chosen seed, per query.
+
+Several seeds are sampled per query and an attention-guided scorer picks the best: with
+--selection early (default) all seeds run only the first --score-steps steps, the best
+--keep finish, which costs far less than sampling every seed to the end."""
+
+EPILOG = """\
+examples:
+  # the bundled pico-tiny model on the bundled example images
+  python infer.py --exemplar assets/examples/segment_A.png assets/examples/segment_A_out.png \\
+                  --query assets/examples/segment_B.png --out out/
+
+  # 16 seeds, 30 steps, keep and save the 3 best candidates
+  python infer.py --exemplar a.png a_out.png --query b.png --query c.png --out out/ \\
+                  --seeds 16 --steps 30 --keep 3 --save-candidates
+
+  # thousands of triples, batched: one JSON object per line
+  #   {"exemplar": "a.png", "exemplar_out": "a_out.png", "query": "b.png", "name": "b1"}
+  python infer.py --manifest triples.jsonl --out out/ --batch-size 16
+
+Images may be PNG/JPEG/... of any size; grayscale, RGBA (composited on white) and 16-bit
+images are converted. Each is fitted into a square panel without distortion (letterbox) and
+B' is returned at B's original size.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infer.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    src = p.add_argument_group("inputs (use --exemplar with --query, or --manifest)")
+    src.add_argument("--exemplar", nargs=2, metavar=("A", "A_OUT"), help="the example pair: input and desired output")
+    src.add_argument("--query", action="append", default=[], metavar="B", help="a query image (repeatable)")
+    src.add_argument("--manifest", metavar="JSONL", help="one {exemplar, exemplar_out, query[, name]} object per line")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--checkpoint", metavar="PATH", help="a pico checkpoint directory (default: the bundled pico-tiny)")
+    s = p.add_argument_group("sampling (defaults come from the checkpoint)")
+    s.add_argument("--seeds", type=int, help="candidates sampled per query (N)")
+    s.add_argument("--steps", type=int, help="denoising steps")
+    s.add_argument("--keep", type=int, help="how many of the best seeds are finished and kept (m)")
+    s.add_argument("--selection", choices=["early", "full", "random"],
+                   help="early: score after --score-steps and finish the best; full: finish all, pick best; random: one seed")
+    s.add_argument("--score-steps", type=int, help="early steps the scorer reads (k)")
+    s.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed..seed+N-1 (default 0)")
+    s.add_argument("--guidance", type=float, help="guidance value for guidance-distilled FLUX bases")
+    p.add_argument("--batch-size", type=int, default=4, help="queries per compiled batch (default 4)")
+    p.add_argument("--save-candidates", action="store_true", help="also write OUT/<query>_cand<i>.png for the kept seeds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_manifest(path: str) -> list[dict]:
+    rows = []
+    base = Path(path).parent
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise InputError(f"--manifest {path}: cannot read ({e.strerror})") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        missing = [k for k in ("exemplar", "exemplar_out", "query") if k not in row]
+        if missing:
+            raise InputError(f"{path}:{n}: missing key(s) {missing}")
+        for k in ("exemplar", "exemplar_out", "query"):
+            row[k] = str((base / row[k]) if not os.path.isabs(row[k]) else row[k])
+        rows.append(row)
+    if not rows:
+        raise InputError(f"--manifest {path}: no triples")
+    return rows
+
+
+def unique_names(paths: list[str], given: list[str | None]) -> list[str]:
+    names, seen = [], {}
+    for p, g in zip(paths, given):
+        base = g or Path(p).stem
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        names.append(base if k == 0 else f"{base}_{k}")
+    return names
+
+
+def collect_triples(args) -> list[dict]:
+    if args.manifest and (args.exemplar or args.query):
+        raise InputError("use either --manifest or --exemplar/--query, not both")
+    if args.manifest:
+        rows = read_manifest(args.manifest)
+    else:
+        if not args.exemplar:
+            raise InputError("--exemplar A A_OUT is required (or --manifest)")
+        if not args.query:
+            raise InputError("at least one --query is required")
+        rows = [{"exemplar": args.exemplar[0], "exemplar_out": args.exemplar[1], "query": q} for q in args.query]
+    for r in rows:
+        for k in ("exemplar", "exemplar_out", "query"):
+            if not Path(r[k]).is_file():
+                raise InputError(f"{k} image not found: {r[k]}")
+    names = unique_names([r["query"] for r in rows], [r.get("name") for r in rows])
+    for r, n in zip(rows, names):
+        r["name"] = n
+    return rows
+
+
+def check_numbers(args):
+    for flag in ("seeds", "steps", "keep", "score_steps", "batch_size"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1 (got {v})")
+
+
+def write_json_atomic(obj, path: Path):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_numbers(args)
+        rows = collect_triples(args)
+    except InputError as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    from pico_jax import grid
+    from pico_jax.imageio import ImageError, load_image, save_png_atomic
+    from pico_jax.safetensors_io import CheckpointError
+    from pico_jax.scorer import ScorerConfig
+
+    try:
+        from pico_jax.checkpoints import load_pico
+
+        pipe = load_pico(args.checkpoint, batch_size=args.batch_size)
+    except CheckpointError as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
+
+    overrides = {k: getattr(args, k) for k in ("seeds", "steps", "keep", "selection", "guidance") if getattr(args, k) is not None}
+    plan = dataclasses.replace(pipe.plan, **overrides)
+    if args.score_steps is not None:
+        plan = dataclasses.replace(plan, scorer=dataclasses.replace(plan.scorer, steps=args.score_steps))
+    if args.seeds is not None and args.keep is None:
+        plan = dataclasses.replace(plan, keep=min(plan.keep, plan.seeds))
+    try:
+        plan = plan.validate()
+    except ValueError as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache: dict[str, object] = {}
+
+    def image(path):
+        if path not in cache:
+            cache[path] = load_image(path)
+        return cache[path]
+
+    report = {"checkpoint": str(args.checkpoint or "bundled pico-tiny"), "plan": dataclasses.asdict(plan), "queries": {}}
+    bar = tqdm(total=len(rows), unit="query", disable=args.no_progress, desc="painting B'")
+    t0 = time.time()
+    try:
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start : start + args.batch_size]
+            try:
+                canvases = [
+                    grid.compose(image(r["exemplar"]), image(r["exemplar_out"]), image(r["query"]),
+                                 panel=pipe.layout.panel, policy=pipe.policy, multiple=2 * pipe.layout.ae_factor)
+                    for r in chunk
+                ]
+            except (ImageError, ValueError) as e:
+                raise InputError(str(e)) from e
+            results = pipe.run_canvases(canvases, plan, seed=args.seed)
+            for r, res in zip(chunk, results):
+                save_png_atomic(res.image, out / f"{r['name']}.png")
+                save_png_atomic(res.canvas, out / f"{r['name']}_grid.png")
+                if args.save_candidates:
+                    for i, c in enumerate(res.candidates):
+                        save_png_atomic(c, out / f"{r['name']}_cand{i}.png")
+                report["queries"][r["name"]] = {
+                    "exemplar": r["exemplar"], "exemplar_out": r["exemplar_out"], "query": r["query"],
+                    "chosen_seed": res.chosen_seed, "seeds": res.seeds, "scores": res.scores,
+                }
+            bar.update(len(chunk))
+            cache.clear()
+    except InputError as e:
+        bar.close()
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if report["queries"]:
+            report["seconds"] = round(time.time() - t0, 3)
+            write_json_atomic(report, out / "scores.json")
+    bar.close()
+    print(f"wrote {len(rows)} result(s) to {out}/ ({time.time() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""(A, A', B) → B' for many queries × many seeds in one jitted call.
+
+Data flow: images → 2×2 canvas (grid) → autoencoder → packed tokens → FLUX-Fill-style input
+[noisy latents | masked-canvas latents | packed B' mask] → Euler sampler (lax.scan) with the
+capture hook on the first k steps → seed scores → the best m seeds finish → decode → B' panel
+cropped and restored to B's original size.
+
+The known panels (A, A', B) are never generated: at every step their tokens are set to the exact
+noisy interpolation (1 - t)·x0 + t·ε of their true latents, which is what the model saw in
+training (the loss covers B' only), so sampling and training see the same distribution.
+
+Selection modes (`selection=`):
+  "early"  – all S seeds run the first k steps with capture; the m best by score finish (cost
+             ≈ S·k + m·(T - k) model calls instead of S·T);
+  "full"   – all S seeds run all T steps, scored on every step; best m kept;
+  "random" – one seed (the first) is run; no scoring (the baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pico_jax import grid
+from pico_jax.flow import euler_sample, flux_mu, flux_schedule
+from pico_jax.model.attention import AttentionHooks
+from pico_jax.model.flux import FluxTransformer
+from pico_jax.scorer import ScorerConfig, choose, score_from_group_mass
+
+
+# ------------------------------------------------------------------------------ conditioning
+@dataclasses.dataclass(frozen=True)
+class CanvasLayout:
+    """Token geometry of a 2P × 2P canvas for an autoencoder with downsample `ae_factor`."""
+
+    panel: int
+    ae_factor: int
+
+    @property
+    def tokens_hw(self) -> tuple[int, int]:
+        return grid.canvas_token_grid(self.panel, self.ae_factor)
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.tokens_hw
+        return h * w
+
+    def img_ids(self) -> np.ndarray:
+        return grid.latent_image_ids(*self.tokens_hw)
+
+    def bprime_tokens(self) -> np.ndarray:
+        """(N,) float mask, 1 on the B' panel's tokens."""
+        m = np.zeros(self.num_tokens, np.float32)
+        m[grid.panel_token_indices(*self.tokens_hw)[3]] = 1.0
+        return m
+
+    def hooks(self, num_text: int, num_layers: int, capture_layers: Sequence[int]) -> AttentionHooks:
+        h, w = self.tokens_hw
+        return AttentionHooks.make(
+            grid.token_groups(num_text, h, w),
+            num_layers,
+            len(grid.GROUP_NAMES),
+            capture_layers=capture_layers,
+            panel_tokens=grid.panel_token_indices(h, w) + num_text,
+        )
+
+
+def encode_tokens(autoencoder, images: jax.Array) -> jax.Array:
+    """Images (B, H, W, 3) in [-1, 1] → packed, scaled latent tokens (B, N, 4·C)."""
+    return grid.pack_latents(autoencoder.scale(autoencoder.encode(images)))
+
+
+def decode_tokens(autoencoder, tokens: jax.Array, layout: CanvasLayout) -> jax.Array:
+    h, w = layout.tokens_hw
+    z = grid.unpack_latents(tokens, 2 * h, 2 * w)
+    return autoencoder.decode(autoencoder.unscale(z))
+
+
+def fill_condition(autoencoder, canvas: jax.Array, layout: CanvasLayout) -> tuple[jax.Array, jax.Array]:
+    """FLUX.1-Fill conditioning of canvases (B, 2P, 2P, 3) in [-1, 1].
+
+    Returns (cond, known): cond = [latents of the canvas with B' blanked | packed B' mask]
+    (B, N, 4C + 4f²), and known = those masked-canvas latents (B, N, 4C), the clean latents of
+    the known panels (the B' part is unused)."""
+    mask = jnp.asarray(grid.bprime_mask(layout.panel))  # (2P, 2P), 1 on B'
+    masked = canvas * (1.0 - mask[None, :, :, None])
+    known = encode_tokens(autoencoder, masked)
+    mask_tokens = grid.pack_mask(jnp.broadcast_to(mask, canvas.shape[:3]), layout.ae_factor)
+    return jnp.concatenate([known, mask_tokens.astype(known.dtype)], -1), known
+
+
+class TextConditioning(NamedTuple):
+    """Precomputed text embeddings (one prompt, broadcast over the batch)."""
+
+    prompt_embeds: jax.Array  # (1 or B, T, context_dim)
+    pooled: jax.Array  # (1 or B, pooled_dim)
+
+    @classmethod
+    def empty(cls, length: int, context_dim: int, pooled_dim: int) -> "TextConditioning":
+        return cls(jnp.zeros((1, length, context_dim)), jnp.zeros((1, pooled_dim)))
+
+
+# ------------------------------------------------------------------------------ the sampler
+@dataclasses.dataclass(frozen=True)
+class SamplingPlan:
+    steps: int = 20
+    seeds: int = 8
+    keep: int = 1
+    selection: str = "early"  # early | full | random
+    scorer: ScorerConfig = ScorerConfig()
+    guidance: float | None = None
+    mu: float | None = None  # schedule shift; None: FLUX's resolution-dependent value
+
+    def validate(self) -> "SamplingPlan":
+        if self.selection not in ("early", "full", "random"):
+            raise ValueError(f"selection must be early, full or random (got {self.selection!r})")
+        if self.seeds < 1 or self.keep < 1:
+            raise ValueError(f"--seeds and keep must be >= 1 (got seeds={self.seeds}, keep={self.keep})")
+        if self.keep > self.seeds:
+            raise ValueError(f"cannot keep {self.keep} of {self.seeds} seeds")
+        if self.selection == "early" and not 1 <= self.scorer.steps <= self.steps:
+            raise ValueError(f"scorer steps k={self.scorer.steps} must be within 1..{self.steps} denoising steps")
+        return self
+
+
+class Samples(NamedTuple):
+    tokens: jax.Array  # (m, B, N, C) final latents of the kept seeds, best first
+    chosen: jax.Array  # (m, B) seed index (into the seed list) of each kept sample
+    scores: jax.Array  # (S, B) every seed's score (zeros for "random")
+
+
+def seed_noise(seeds: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Noise per seed (S, *shape): a seed's noise depends only on the seed, never on the batch."""
+    return jax.vmap(lambda s: jax.random.normal(jax.random.key(s), shape, jnp.float32))(seeds).astype(dtype)
+
+
+def sample(
+    model: FluxTransformer,
+    cond: jax.Array,
+    known: jax.Array,
+    text: TextConditioning,
+    seeds: jax.Array,
+    layout: CanvasLayout,
+    plan: SamplingPlan,
+) -> Samples:
+    """Run the plan for a batch of conditioned canvases. Pure; jit it with `plan` static."""
+    cfg = model.config
+    b, n, _ = cond.shape
+    c_lat = known.shape[-1]
+    times = jnp.asarray(flux_schedule(plan.steps, mu=plan.mu if plan.mu is not None else flux_mu(n)))
+    bmask = jnp.asarray(layout.bprime_tokens())[None, :, None]
+    prompt = jnp.broadcast_to(text.prompt_embeds, (b, *text.prompt_embeds.shape[1:]))
+    pooled = jnp.broadcast_to(text.pooled, (b, text.pooled.shape[-1]))
+    txt_ids = jnp.zeros((prompt.shape[1], 3), jnp.float32)
+    img_ids = jnp.asarray(layout.img_ids())
+    guidance = None if plan.guidance is None else jnp.full((b,), plan.guidance, jnp.float32)
+    dtype = model.dtype
+    noise = seed_noise(seeds, (n, c_lat), dtype)  # (S, N, C), shared by all queries
+    score_steps = plan.scorer.steps if plan.selection == "early" else plan.steps
+    hooks = layout.hooks(prompt.shape[1], cfg.num_layers, plan.scorer.layer_list(cfg.num_layers))
+    weights = plan.scorer.weight_vector()
+
+    def velocity(eps, capture: bool):
+        def v(x, t, step):
+            x = jnp.where(bmask > 0, x, (1 - t) * known + t * eps)  # known panels: exact x_t
+            inp = jnp.concatenate([x, cond.astype(x.dtype)], -1)
+            tb = jnp.full((b,), t, jnp.float32)
+            if not capture:
+                return model(inp, prompt, pooled, tb, img_ids, txt_ids, guidance), ()
+            out, cap = model(inp, prompt, pooled, tb, img_ids, txt_ids, guidance, hooks=hooks.gated(step < score_steps))
+            return out, (cap.group_mass, cap.captured)
+
+        return v
+
+    def run(eps, start, stop, capture, x=None):
+        x = jnp.broadcast_to(eps, (b, n, c_lat)) if x is None else x
+        return euler_sample(velocity(eps, capture), x, times, start, stop)
+
+    if plan.selection == "random":
+        x, _ = run(noise[0], 0, None, False)
+        return Samples(x[None], jnp.zeros((1, b), jnp.int32), jnp.zeros((len(seeds), b)))
+
+    def scores_of(aux):
+        group_mass, captured = aux  # (steps, L, B, G, G), (steps, L)
+        return score_from_group_mass(group_mass, captured, weights)
+
+    if plan.selection == "full":
+        x, aux = jax.vmap(lambda e: run(e, 0, None, True))(noise)
+        scores = jax.vmap(scores_of)(aux)  # (S, B)
+        idx = choose(scores, plan.keep)
+        return Samples(x[idx, jnp.arange(b)[None]], idx, scores)
+
+    k = plan.scorer.steps
+    x_k, aux = jax.vmap(lambda e: run(e, 0, k, True))(noise)
+    scores = jax.vmap(scores_of)(aux)
+    idx = choose(scores, plan.keep)  # (m, B)
+    x_sel = x_k[idx, jnp.arange(b)[None]]  # (m, B, N, C)
+    eps_sel = noise[idx]  # (m, B, N, C)
+
+    def finish(x0, eps):
+        v = velocity(eps, False)
+        return euler_sample(v, x0, times, k, None)[0]
+
+    # eps differs per query here (each query kept its own seeds), so the velocity closes over a batch.
+    x = jax.vmap(finish)(x_sel, eps_sel)
+    return Samples(x, idx, scores)
+
+
+# ------------------------------------------------------------------------------- the pipeline
+@dataclasses.dataclass
+class Result:
+    """One query's output."""
+
+    image: np.ndarray  # B' at B's original size, float32 HxWx3 in [0, 1]
+    canvas: np.ndarray  # the 2P × 2P canvas with the chosen B' painted in, [0, 1]
+    chosen_seed: int
+    seeds: list[int]
+    scores: list[float]  # per seed (zeros for selection="random")
+    candidates: list[np.ndarray] = dataclasses.field(default_factory=list)  # kept B' panels, best first
+
+
+class Pipeline:
+    """PICO inference: `Pipeline.load(path)(exemplar, exemplar_out, queries)`.
+
+    Holds a FLUX(-Fill-style) transformer, an autoencoder, a text conditioning and the canvas
+    settings; compiles one function per (batch size, plan) and reuses it.
+    """
+
+    def __init__(
+        self,
+        transformer: FluxTransformer,
+        autoencoder,
+        text: TextConditioning,
+        panel: int,
+        policy: str = "pad",
+        plan: SamplingPlan = SamplingPlan(),
+        batch_size: int = 4,
+    ):
+        self.transformer, self.autoencoder, self.text = transformer, autoencoder, text
+        self.layout = CanvasLayout(panel, autoencoder.downsample_factor)
+        expected = 2 * 4 * autoencoder.latent_channels + 4 * autoencoder.downsample_factor**2
+        if transformer.config.in_channels != expected:
+            raise ValueError(
+                f"the transformer takes {transformer.config.in_channels} input channels, but Fill-style conditioning with "
+                f"this autoencoder ({autoencoder.latent_channels} latent channels, factor {autoencoder.downsample_factor}) "
+                f"gives {expected}"
+            )
+        self.policy, self.plan, self.batch_size = policy, plan.validate(), batch_size
+        self._graphdef, self._state = nnx.split(transformer)
+        self._compiled: dict[Any, Any] = {}
+
+    # --- loading ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **overrides) -> "Pipeline":
+        """Load a pico checkpoint directory (pico.json + transformer/ [+ vae/]); None = bundled pico-tiny."""
+        from pico_jax.checkpoints import load_pico
+
+        return load_pico(path, **overrides)
+
+    # --- running ---------------------------------------------------------------------------
+    def _fn(self, plan: SamplingPlan):
+        key = plan
+        if key not in self._compiled:
+            graphdef, layout, ae = self._graphdef, self.layout, self.autoencoder
+
+            @jax.jit
+            def run(state, canvas, text, seeds):
+                model = nnx.merge(graphdef, state)
+                cond, known = fill_condition(ae, canvas, layout)
+                s = sample(model, cond.astype(model.dtype), known.astype(model.dtype), text, seeds, layout, plan)
+                images = jax.vmap(lambda t: decode_tokens(ae, t, layout))(s.tokens)
+                return images, s.chosen, s.scores
+
+            self._compiled[key] = run
+        return self._compiled[key]
+
+    def canvases(self, exemplar, exemplar_out, queries: Sequence[Any]) -> list[grid.Canvas]:
+        return [
+            grid.compose(exemplar, exemplar_out, q, panel=self.layout.panel, policy=self.policy,
+                         multiple=2 * self.layout.ae_factor)
+            for q in queries
+        ]
+
+    def __call__(
+        self,
+        exemplar,
+        exemplar_out,
+        queries: Sequence[Any],
+        seed: int = 0,
+        progress=None,
+        **plan_overrides,
+    ) -> list[Result]:
+        """Paint B' for every query. Images are arrays in [0, 1], PIL images or paths.
+
+        seed: the first seed; seeds are seed, seed+1, ..., seed+S-1. plan_overrides: fields of
+        SamplingPlan (steps, seeds, keep, selection, scorer, guidance, mu)."""
+        plan = dataclasses.replace(self.plan, **plan_overrides).validate()
+        canvases = self.canvases(exemplar, exemplar_out, queries)
+        return self.run_canvases(canvases, plan, seed, progress)
+
+    def run_canvases(self, canvases: list[grid.Canvas], plan: SamplingPlan, seed: int = 0, progress=None) -> list[Result]:
+        fn = self._fn(plan)
+        seeds = np.arange(seed, seed + plan.seeds, dtype=np.uint32)
+        results: list[Result] = []
+        for start in range(0, len(canvases), self.batch_size):
+            chunk = canvases[start : start + self.batch_size]
+            batch = np.stack([c.image for c in chunk]) * 2.0 - 1.0
+            pad = self.batch_size - len(chunk)  # keep one compiled shape for every batch
+            if pad:
+                batch = np.concatenate([batch, np.repeat(batch[-1:], pad, 0)])
+            images, chosen, scores = jax.device_get(fn(self._state, jnp.asarray(batch), self.text, jnp.asarray(seeds)))
+            for i, c in enumerate(chunk):
+                results.append(self._result(c, images[:, i], chosen[:, i], scores[:, i], seeds))
+            if progress is not None:
+                progress(len(chunk))
+        return results
+
+    def _result(self, canvas: grid.Canvas, images, chosen, scores, seeds) -> Result:
+        painted = np.clip((images + 1.0) / 2.0, 0.0, 1.0)  # (m, 2P, 2P, 3)
+        panels = [grid.split(p, self.layout.panel)[3] for p in painted]
+        full = canvas.image.copy()
+        p = self.layout.panel
+        full[p:, p:] = panels[0]
+        return Result(
+            image=canvas.restore_output(panels[0]),
+            canvas=full,
+            chosen_seed=int(seeds[int(chosen[0])]),
+            seeds=[int(s) for s in seeds],
+            scores=[float(s) for s in scores],
+            candidates=panels,
+        )

@@ -1,0 +1,79 @@
+"""The attention-guided seed scorer.
+
+Definition (what `score_from_captures` computes). During the first `k` denoising steps the
+capture hook records, on the chosen layers, ``group_mass[b, i, j]``: the attention mass that
+queries of token group i put on keys of group j, averaged over the queries of group i and over
+heads (rows sum to 1; groups 0 text, 1 A, 2 A', 3 B, 4 B'). A seed's score is
+
+    score = mean over captured (step, layer) of  Σ_j  w_j · group_mass[B', j]
+
+with weights ``w`` over key groups. The default, ``"context"``, is w = (0, 1, 1, 1, 0): the
+fraction of the B' panel's attention routed to the three context panels (A, A', B) rather than to
+itself or the text. The rationale: a seed whose B' tokens draw on the exemplar pair and the query
+is following the in-context example; one that attends mostly to itself is hallucinating from
+its own noise. Other presets: ``"exemplar"`` (A and A' only, the demonstration of the relation),
+``"query"`` (B only), and ``"self"`` (negative weight on B'→B', preferring less self-attention).
+Higher is better. Which layers and steps are captured is part of `ScorerConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pico_jax.grid import GROUP_NAMES
+
+BPRIME = GROUP_NAMES.index("B_out")
+
+PRESETS: dict[str, tuple[float, ...]] = {
+    "context": (0.0, 1.0, 1.0, 1.0, 0.0),
+    "exemplar": (0.0, 1.0, 1.0, 0.0, 0.0),
+    "query": (0.0, 0.0, 0.0, 1.0, 0.0),
+    "self": (0.0, 0.0, 0.0, 0.0, -1.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorerConfig:
+    """Which attention the scorer reads and how it weighs it.
+
+    layers: attention layers captured (double blocks first, then single; negative counts from
+      the end); None = every layer.
+    steps: the number k of early denoising steps scored (and, with early selection, the steps
+      every seed runs before the choice).
+    weights: a preset name from PRESETS or a tuple of 5 per-group weights.
+    """
+
+    layers: tuple[int, ...] | None = None
+    steps: int = 2
+    weights: str | tuple[float, ...] = "context"
+
+    def weight_vector(self) -> np.ndarray:
+        w = PRESETS.get(self.weights) if isinstance(self.weights, str) else self.weights
+        if w is None:
+            raise ValueError(f"unknown scorer weights {self.weights!r}; presets: {sorted(PRESETS)}")
+        if len(w) != len(GROUP_NAMES):
+            raise ValueError(f"scorer weights need {len(GROUP_NAMES)} entries ({GROUP_NAMES}), got {len(w)}")
+        return np.asarray(w, np.float32)
+
+    def layer_list(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(range(num_layers)) if self.layers is None else tuple(l % num_layers for l in self.layers)
+
+
+def score_from_group_mass(group_mass: jax.Array, captured: jax.Array, weights) -> jax.Array:
+    """group_mass (..., L, B, G, G) stacked over steps/layers, captured (..., L) bool → (B,) scores.
+
+    Averages the weighted B' row over every captured (step, layer); leading axes are steps."""
+    row = group_mass[..., BPRIME, :]  # (..., L, B, G)
+    per = jnp.einsum("...lbg,g->...lb", row, jnp.asarray(weights, jnp.float32))
+    w = captured.astype(jnp.float32)[..., None]  # (..., L, 1)
+    total = jnp.sum(per * w, axis=tuple(range(per.ndim - 1)))
+    return total / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def choose(scores: jax.Array, m: int) -> jax.Array:
+    """Indices (m, B) of the m best seeds per query, best first; scores (S, B)."""
+    return jnp.argsort(-scores, axis=0)[:m]
