@@ -1,0 +1,32 @@
+"""pico-tiny: the bundled default model. A FLUX-architecture Fill-style DiT (4 double + 4 single
+blocks, width 128 = 4 heads x 32) in pixel space (PixelAutoencoder(2)), 32-px panels (a 64x64
+canvas = 256 image tokens), trained from scratch on the training relation families.
+
+Sized to train on a 2-core CPU in about an hour (no GPU was available when it was trained); with a
+GPU, widen it (model.num_heads / head_dim) and train longer.
+
+python train.py --config configs/pico_tiny.py --workdir runs/pico-tiny --export pico_jax/pretrained/pico-tiny
+"""
+
+from pico_jax.model.flux import FluxConfig
+from pico_jax.trainer import TrainConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        model=FluxConfig(num_double=4, num_single=4, num_heads=4, head_dim=32, axes_dims_rope=(8, 12, 12),
+                         in_channels=112, out_channels=48, context_dim=64, pooled_dim=64, guidance_embeds=False),
+        autoencoder={"kind": "pixel", "factor": 2},
+        text={"kind": "zeros", "length": 1},
+        panel=32,
+        steps=2000,
+        batch_size=16,
+        lr=1e-3,
+        warmup_steps=100,
+        ema_decay=0.995,
+        log_every=25,
+        checkpoint_every=200,
+        sample_every=500,
+        sample_steps=20,
+        data={"kind": "procedural", "families": "train"},
+    )

@@ -1,0 +1,487 @@
+"""PICO training: flow matching on four-panel canvases, LoRA or full fine-tuning, sharded over a
+device mesh, with Orbax checkpoints that resume exactly (parameters, optimizer, step, RNG and the
+data iterator position).
+
+The step is one `jax.jit` over ('data', 'fsdp', 'tensor'): parameters (the frozen base too) are
+sharded by `pico_jax.parallel`'s rules, the batch over data×fsdp. It is a pure function of
+(trainable, frozen, opt_state, batch, step) — randomness is `fold_in(seed, step)`, so a resumed
+run draws exactly the noise and timesteps the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pico_jax import grid
+from pico_jax.flow import flow_loss, flux_mu, interpolate, sample_timesteps
+from pico_jax.model.flux import FluxConfig, FluxTransformer
+from pico_jax.pipeline import CanvasLayout, SamplingPlan, TextConditioning, encode_tokens, fill_condition
+
+
+# --------------------------------------------------------------------------------- config
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run needs. Configs in configs/*.py return one of these (get_config())."""
+
+    model: FluxConfig = dataclasses.field(default_factory=FluxConfig)
+    base_checkpoint: str | None = None  # diffusers dir or BFL file; None: random init (small models)
+    autoencoder: dict = dataclasses.field(default_factory=lambda: {"kind": "pixel", "factor": 2})
+    text: dict = dataclasses.field(default_factory=lambda: {"kind": "zeros", "length": 1})
+    panel: int = 32
+    dtype: str = "float32"  # compute/param dtype of the base
+    # what is trained
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float | None = None
+    lora_targets: str = "default"
+    # optimization
+    steps: int = 1000
+    batch_size: int = 16  # global
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0: no EMA
+    timestep_sampling: str = "logit_normal"
+    shift_mu: float | None = 0.0  # None: FLUX's resolution-dependent shift
+    # data
+    data: dict = dataclasses.field(default_factory=lambda: {"kind": "procedural", "families": "train"})
+    augment: bool = True
+    # parallelism / bookkeeping
+    mesh: str | None = None
+    remat: str = "none"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    sample_every: int = 0  # 0: only at the end
+    sample_steps: int = 12
+    inject_nan_at_step: int = -1  # testing aid: make the loss NaN at this step
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = dataclasses.asdict(self.model)
+        return d
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
+    """`key=value` overrides (dotted for the model: model.num_double=4), typed from the defaults.
+
+    Model fields are replaced together, so a consistent set (head_dim with axes_dims_rope) works."""
+    model_updates = {}
+    for key, raw in overrides.items():
+        target, field = (cfg.model, key.split(".", 1)[1]) if key.startswith("model.") else (cfg, key)
+        if not hasattr(target, field):
+            raise ValueError(f"unknown config key {key!r}")
+        value = _parse_like(raw, getattr(target, field), key)
+        if target is cfg.model:
+            model_updates[field] = value
+        else:
+            setattr(cfg, field, value)
+    if model_updates:
+        cfg.model = dataclasses.replace(cfg.model, **model_updates)
+    return cfg
+
+
+def _parse_like(raw: str, current: Any, key: str):
+    if isinstance(current, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key}: expected true/false, got {raw!r}")
+        return raw.lower() in ("true", "1")
+    if isinstance(current, (dict, list, tuple)) or current is None:
+        try:
+            v = json.loads(raw)
+        except json.JSONDecodeError:
+            v = raw
+        return tuple(v) if isinstance(current, tuple) else v
+    try:
+        return type(current)(raw)
+    except ValueError:
+        raise ValueError(f"{key}: cannot read {raw!r} as {type(current).__name__}") from None
+
+
+# ------------------------------------------------------------------------------ building
+def build_autoencoder(spec: dict, dtype):
+    from pico_jax.checkpoints import _autoencoder
+
+    return _autoencoder(spec, Path(spec.get("root", ".")), dtype)
+
+
+def build_text(spec: dict, cfg: FluxConfig) -> TextConditioning:
+    if spec.get("kind") == "zeros":
+        return TextConditioning.empty(int(spec.get("length", 1)), cfg.context_dim, cfg.pooled_dim)
+    if spec.get("kind") == "prompt":
+        # A FLUX base: embed the task prompt once, through the on-disk cache.
+        from pico_jax.model.text import PromptCache, TextEncoderLoader, cached_encode
+
+        loader = TextEncoderLoader(spec["t5"], spec["clip"])
+        emb = cached_encode([spec.get("prompt", "")], loader, PromptCache(spec.get("cache", ".cache/prompts")))
+        return TextConditioning(jnp.asarray(emb.prompt_embeds), jnp.asarray(emb.pooled_prompt_embeds))
+    raise ValueError(f"text.kind must be 'zeros' or 'prompt' (got {spec.get('kind')!r})")
+
+
+def build_model(cfg: TrainConfig, place=None) -> FluxTransformer:
+    dtype = getattr(jnp, cfg.dtype)
+    if cfg.base_checkpoint:
+        from pico_jax.convert import load_flux_transformer
+
+        model = load_flux_transformer(cfg.base_checkpoint, dtype=dtype, place=place, remat=cfg.remat)
+    else:
+        model = FluxTransformer(cfg.model.replace(remat=cfg.remat), rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=dtype)
+    if cfg.lora_rank > 0:
+        from pico_jax.model.lora import DEFAULT_TARGETS, add_lora
+
+        targets = DEFAULT_TARGETS if cfg.lora_targets == "default" else cfg.lora_targets
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, rngs=nnx.Rngs(cfg.seed + 1))
+    return model
+
+
+def trainable_filter(cfg: TrainConfig):
+    return nnx.LoRAParam if cfg.lora_rank > 0 else nnx.Param
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, cfg.warmup_steps, cfg.warmup_steps + decay_steps, end_value=cfg.lr * cfg.min_lr_ratio
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=cfg.weight_decay),
+    ), schedule
+
+
+# ------------------------------------------------------------------------------ the step
+def canvas_from_batch(batch: dict) -> jax.Array:
+    """Panels (B, P, P, 3) in [-1, 1] → canvases (B, 2P, 2P, 3)."""
+    top = jnp.concatenate([batch["A"], batch["A_out"]], axis=2)
+    bottom = jnp.concatenate([batch["B"], batch["B_out"]], axis=2)
+    return jnp.concatenate([top, bottom], axis=1)
+
+
+def loss_fn(model: FluxTransformer, ae, text: TextConditioning, layout: CanvasLayout, batch: dict, key, cfg_mu: float, kind: str):
+    canvas = canvas_from_batch(batch).astype(jnp.float32)
+    b = canvas.shape[0]
+    x0 = encode_tokens(ae, canvas).astype(model.dtype)
+    cond, _ = fill_condition(ae, canvas, layout)
+    k_t, k_n = jax.random.split(key)
+    t = sample_timesteps(k_t, b, kind=kind, mu=cfg_mu)
+    noise = jax.random.normal(k_n, x0.shape, jnp.float32).astype(x0.dtype)
+    xt = interpolate(x0, noise, t)
+    prompt = jnp.broadcast_to(text.prompt_embeds, (b, *text.prompt_embeds.shape[1:])).astype(model.dtype)
+    pooled = jnp.broadcast_to(text.pooled, (b, text.pooled.shape[-1])).astype(model.dtype)
+    guidance = jnp.ones((b,), jnp.float32) if model.config.guidance_embeds else None
+    pred = model(
+        jnp.concatenate([xt, cond.astype(xt.dtype)], -1),
+        prompt,
+        pooled,
+        t,
+        jnp.asarray(layout.img_ids()),
+        jnp.zeros((prompt.shape[1], 3), jnp.float32),
+        guidance,
+    )
+    return flow_loss(pred, x0, noise, jnp.asarray(layout.bprime_tokens()))
+
+
+def make_train_step(graphdef, ae, text, layout, cfg: TrainConfig, tx, schedule):
+    mu = cfg.shift_mu if cfg.shift_mu is not None else flux_mu(layout.num_tokens)
+
+    def step_fn(trainable, frozen, opt_state, ema, batch, step):
+        key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+
+        def loss_of(trainable):
+            model = nnx.merge(graphdef, trainable, frozen)
+            return loss_fn(model, ae, text, layout, batch, key, mu, cfg.timestep_sampling)
+
+        loss, grads = jax.value_and_grad(loss_of)(trainable)
+        loss = jnp.where(step == cfg.inject_nan_at_step, jnp.nan, loss)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        if cfg.ema_decay > 0:
+            ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, trainable)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        return trainable, opt_state, ema, metrics
+
+    return step_fn
+
+
+# ------------------------------------------------------------------------------ data
+def make_data(cfg: TrainConfig, shard_index=None, shard_count=None):
+    from pico_jax.data.input_pipeline import FunctionSource, episode_to_example, make_dataset
+
+    kind = cfg.data.get("kind")
+    per_host = cfg.batch_size // (shard_count or jax.process_count())
+    if kind == "procedural":
+        from pico_jax.data import relations
+
+        fams = cfg.data.get("families", "train")
+        names = sorted(relations.SPLITS[fams] if isinstance(fams, str) else fams)
+        unknown = [f for f in names if f not in relations.FAMILIES]
+        if unknown:
+            raise ValueError(f"data.families: unknown relation families {unknown}")
+        source = FunctionSource(
+            _ProceduralExample(tuple(names), cfg.panel, int(cfg.data.get("pool", 0))),
+            length=int(cfg.data.get("length", 10**6)),
+            task_names=names,
+        )
+    elif kind == "visrel":
+        from pico_jax.data.visrel import load_visrel
+
+        source = load_visrel(cfg.data["data_dir"], cfg.data.get("name"))
+    else:
+        raise ValueError(f"data.kind must be 'procedural' or 'visrel' (got {kind!r})")
+    return make_dataset(
+        source, batch_size=per_host, seed=cfg.seed, image_size=cfg.panel, augment=cfg.augment,
+        shard_index=shard_index, shard_count=shard_count,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProceduralExample:
+    """Index → an episode of family i mod F with a training seed; `pool` > 0 limits the number of
+    distinct episodes per family (the 'scale' axis of the diversity-vs-scale experiment)."""
+
+    families: tuple[str, ...]
+    size: int
+    pool: int = 0
+
+    def __call__(self, i: int) -> dict:
+        from pico_jax.data.input_pipeline import episode_to_example
+        from pico_jax.data.relations import FAMILIES, sample_episode, train_seed
+
+        fam = self.families[i % len(self.families)]
+        j = i // len(self.families)
+        seed = train_seed(j % self.pool if self.pool else j)
+        return episode_to_example(sample_episode(fam, seed, self.size), fam, augment_flip=FAMILIES[fam].augment_flip)
+
+
+# ------------------------------------------------------------------------------ the loop
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Holds the state of a run; `run()` trains to cfg.steps, resuming from workdir if possible."""
+
+    def __init__(self, cfg: TrainConfig, workdir: str | os.PathLike, progress: bool = True, devices=None):
+        from pico_jax.parallel import make_mesh
+
+        self.cfg, self.workdir, self.progress = cfg, Path(workdir), progress
+        if cfg.batch_size % max(jax.process_count(), 1):
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {jax.process_count()} hosts")
+        self.mesh = make_mesh(cfg.mesh, devices)
+        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if cfg.batch_size % dp:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")
+        dtype = getattr(jnp, cfg.dtype)
+        self.ae = build_autoencoder(cfg.autoencoder, dtype)
+        self.layout = CanvasLayout(cfg.panel, self.ae.downsample_factor)
+        expected = 8 * self.ae.latent_channels + 4 * self.ae.downsample_factor**2
+        model_cfg = cfg.model
+        if not cfg.base_checkpoint and model_cfg.in_channels != expected:
+            raise ValueError(f"model.in_channels must be {expected} for this autoencoder (Fill-style conditioning)")
+        self._build_state()
+
+    def _build_state(self):
+        from pico_jax.parallel import param_placer, shard_state
+
+        cfg = self.cfg
+        model = build_model(cfg, place=param_placer(self.mesh))
+        self.model_config = model.config
+        self.text = build_text(cfg.text, model.config)
+        self.graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg), ...)
+        self.trainable = shard_state(trainable, self.mesh)
+        self.frozen = shard_state(frozen, self.mesh)
+        self.tx, self.schedule = make_optimizer(cfg)
+        self.opt_state = jax.jit(self.tx.init)(self.trainable)
+        self.ema = jax.tree.map(jnp.copy, self.trainable) if cfg.ema_decay > 0 else None
+        step_fn = make_train_step(self.graphdef, self.ae, self.text, self.layout, cfg, self.tx, self.schedule)
+        self.step_fn = jax.jit(step_fn, donate_argnums=(0, 2, 3))
+        self.step = 0
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        opts = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints, enable_async_checkpointing=True,
+                                            create=True)
+        return ocp.CheckpointManager(self.workdir.absolute() / "checkpoints", options=opts)
+
+    def save(self, mngr, iterator, force=False):
+        import orbax.checkpoint as ocp
+
+        from pico_jax.data.input_pipeline import state_to_bytes
+
+        state = {"trainable": self.trainable, "opt_state": self.opt_state, "step": self.step}
+        if self.ema is not None:
+            state["ema"] = self.ema
+        mngr.save(
+            self.step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave({"iterator": state_to_bytes(iterator).decode(),
+                                        "rng": {"seed": self.cfg.seed, "fold_in": "step"}}),
+            ),
+            force=force,
+        )
+
+    def restore(self, mngr, iterator) -> bool:
+        import orbax.checkpoint as ocp
+
+        from pico_jax.data.input_pipeline import state_from_bytes
+
+        latest = mngr.latest_step()
+        if latest is None:
+            return False
+        target = {"trainable": self.trainable, "opt_state": self.opt_state, "step": 0}
+        if self.ema is not None:
+            target["ema"] = self.ema
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        restored = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                data=ocp.args.JsonRestore()))
+        st = restored["state"]
+        self.trainable, self.opt_state, self.step = st["trainable"], st["opt_state"], int(st["step"])
+        self.ema = st.get("ema")
+        state_from_bytes(iterator, restored["data"]["iterator"].encode())
+        return True
+
+    # --- export ----------------------------------------------------------------------------
+    def model(self, use_ema: bool = True) -> FluxTransformer:
+        trainable = self.ema if (use_ema and self.ema is not None) else self.trainable
+        return nnx.merge(self.graphdef, trainable, self.frozen)
+
+    def export(self, out_dir, plan: SamplingPlan | None = None, extra: dict | None = None):
+        """A pico checkpoint directory (LoRA merged into the base) that infer.py loads."""
+        from pico_jax.checkpoints import save_pico
+
+        model = self.model()
+        if self.cfg.lora_rank > 0:
+            from pico_jax.model.lora import merge_lora
+
+            model = merge_lora(model)
+        return save_pico(out_dir, model, panel=self.cfg.panel, autoencoder=self.cfg.autoencoder, text=self.cfg.text,
+                         plan=plan or SamplingPlan(steps=self.cfg.sample_steps, mu=0.0), extra=extra,
+                         dtype=self.cfg.dtype)
+
+    def save_lora(self, path):
+        from pico_jax.model.lora import save_lora_diffusers
+
+        save_lora_diffusers(self.model(), path)
+
+    # --- samples ---------------------------------------------------------------------------
+    def save_samples(self, batch: dict, path: Path, n: int = 4):
+        from pico_jax.imageio import save_png_atomic
+        from pico_jax.pipeline import Pipeline
+
+        pipe = Pipeline(self.model(), self.ae, self.text, self.cfg.panel, plan=SamplingPlan(
+            steps=self.cfg.sample_steps, seeds=1, keep=1, selection="random", mu=0.0), batch_size=n)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        a, a2, b, b2 = (np.asarray(batch[k][:n]) * 0.5 + 0.5 for k in ("A", "A_out", "B", "B_out"))
+        canvases = [grid.compose(a[i], a2[i], b[i], panel=self.cfg.panel) for i in range(len(a))]
+        res = pipe.run_canvases(canvases, pipe.plan)
+        rows = [np.concatenate([a[i], a2[i], b[i], r.image, b2[i]], 1) for i, r in enumerate(res)]
+        save_png_atomic(np.concatenate(rows, 0), path)
+
+    # --- main loop -------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        from pico_jax.parallel import batch_sharding
+
+        cfg = self.cfg
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2, default=str))
+        dataset = make_data(cfg)
+        iterator = iter(dataset)
+        mngr = self._manager()
+        resumed = self.restore(mngr, iterator)
+        metrics_path = self.workdir / "metrics.jsonl"
+        if resumed:
+            _truncate_metrics(metrics_path, self.step)
+        writer = _tensorboard(self.workdir)
+        stop = {"signal": None}
+        old = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
+        shard = lambda x: jax.make_array_from_process_local_data(batch_sharding(self.mesh, x.ndim), x)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        last = {"step": self.step, "time": time.time()}
+        sample_batch = None
+        status = "finished"
+        try:
+            with open(metrics_path, "a") as mf:
+                while self.step < cfg.steps:
+                    if stop["signal"] is not None:
+                        status = "preempted"
+                        break
+                    host = next(iterator)
+                    if sample_batch is None:
+                        sample_batch = host
+                    batch = {k: shard(v) for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
+                    self.trainable, self.opt_state, self.ema, m = self.step_fn(
+                        self.trainable, self.frozen, self.opt_state, self.ema, batch, jnp.int32(self.step)
+                    )
+                    loss = float(m["loss"])
+                    if not math.isfinite(loss):
+                        raise NonFiniteLoss(
+                            f"loss is {loss} at step {self.step}; stopping. The last good checkpoint "
+                            f"(step {mngr.latest_step()}) in {self.workdir / 'checkpoints'} is intact; lower --lr or check the data."
+                        )
+                    self.step += 1
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        now = time.time()
+                        sps = (self.step - last["step"]) / max(now - last["time"], 1e-9)
+                        last.update(step=self.step, time=now)
+                        row = {"step": self.step, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                               "lr": float(m["lr"]), "steps_per_sec": sps, "examples_per_sec": sps * cfg.batch_size}
+                        mf.write(json.dumps(row) + "\n")
+                        mf.flush()
+                        bar.set_postfix(loss=f"{loss:.4f}")
+                        if writer:
+                            for k, v in row.items():
+                                if k != "step":
+                                    writer.add_scalar(f"train/{k}", v, self.step)
+                    if self.step % cfg.checkpoint_every == 0:
+                        self.save(mngr, iterator)
+                    if cfg.sample_every and self.step % cfg.sample_every == 0:
+                        self.save_samples(sample_batch, self.workdir / "samples" / f"step_{self.step:06d}.png")
+            if mngr.latest_step() != self.step:
+                self.save(mngr, iterator, force=True)
+            mngr.wait_until_finished()
+        finally:
+            mngr.close()
+            bar.close()
+            signal.signal(signal.SIGTERM, old)
+            if writer:
+                writer.close()
+        if status == "finished" and sample_batch is not None:
+            self.save_samples(sample_batch, self.workdir / "samples" / f"step_{self.step:06d}.png")
+        return {"status": status, "step": self.step}
+
+
+def _truncate_metrics(path: Path, step: int):
+    """After a resume, drop logged rows past the restored step (they will be logged again)."""
+    if not path.exists():
+        return
+    rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _tensorboard(workdir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(workdir / "tensorboard"))
