@@ -93,16 +93,36 @@ def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_si
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from e
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: 'format' must be {FORMAT!r}")
-    dtype = dtype or getattr(jnp, meta.get("dtype", "float32"))
+    # Malformed fields raise KeyError/TypeError/ValueError deep inside; report them as a bad
+    # pico.json (CheckpointError, naming the file) so callers such as the CLI can catch one type.
+    missing = [k for k in ("panel", "autoencoder") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path}: missing key(s) {missing}")
+    try:
+        panel = int(meta["panel"])
+        if panel < 1:
+            raise ValueError(f"panel must be positive (got {panel})")
+        if not isinstance(meta["autoencoder"], dict):
+            raise TypeError("autoencoder must be an object")
+        dtype = dtype or getattr(jnp, str(meta.get("dtype", "float32")))
+        plan = _plan_from_json(meta.get("sampling", {})).validate()
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{meta_path}: invalid pico.json ({type(e).__name__}: {e})") from e
+    plan = dataclasses.replace(plan, **plan_overrides).validate()  # a bad override: ValueError, as before
     transformer = load_flux_transformer(root / meta.get("transformer", "transformer"), dtype=dtype)
-    ae = _autoencoder(meta["autoencoder"], root, dtype)
-    text = _text(meta.get("text", {"kind": "zeros"}), root, transformer.config)
-    plan = _plan_from_json(meta.get("sampling", {}))
-    plan = dataclasses.replace(plan, **plan_overrides)
-    return Pipeline(transformer, ae, text, panel=int(meta["panel"]), policy=meta.get("policy", "pad"),
-                    plan=plan, batch_size=batch_size)
+    try:
+        ae = _autoencoder(meta["autoencoder"], root, dtype)
+        text = _text(meta.get("text", {"kind": "zeros"}), root, transformer.config)
+        return Pipeline(transformer, ae, text, panel=panel, policy=meta.get("policy", "pad"),
+                        plan=plan, batch_size=batch_size)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # e.g. autoencoder without 'factor', channel mismatch
+        raise CheckpointError(f"{meta_path}: inconsistent checkpoint ({type(e).__name__}: {e})") from e
 
 
 def save_pico(

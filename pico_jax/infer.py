@@ -73,6 +73,10 @@ class InputError(ValueError):
     pass
 
 
+class OutputError(RuntimeError):
+    """Writing the results failed (disk full, permissions, ...): exit code 1."""
+
+
 def read_manifest(path: str) -> list[dict]:
     rows = []
     base = Path(path).parent
@@ -87,9 +91,14 @@ def read_manifest(path: str) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):  # e.g. a bare string: `"query" in "..."` would test substrings
+            raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
         missing = [k for k in ("exemplar", "exemplar_out", "query") if k not in row]
         if missing:
             raise InputError(f"{path}:{n}: missing key(s) {missing}")
+        bad = [k for k in ("exemplar", "exemplar_out", "query", "name") if k in row and not isinstance(row[k], str)]
+        if bad:
+            raise InputError(f"{path}:{n}: {bad} must be strings")
         for k in ("exemplar", "exemplar_out", "query"):
             row[k] = str((base / row[k]) if not os.path.isabs(row[k]) else row[k])
         rows.append(row)
@@ -99,12 +108,17 @@ def read_manifest(path: str) -> list[dict]:
 
 
 def unique_names(paths: list[str], given: list[str | None]) -> list[str]:
-    names, seen = [], {}
+    names, used, seen = [], set(), {}
     for p, g in zip(paths, given):
         base = g or Path(p).stem
         k = seen.get(base, 0)
+        name = base if k == 0 else f"{base}_{k}"
+        while name in used:  # a suffixed name may itself be a later stem: b, b -> b_1, then b_1 -> b_1_1
+            k += 1
+            name = f"{base}_{k}"
         seen[base] = k + 1
-        names.append(base if k == 0 else f"{base}_{k}")
+        used.add(name)
+        names.append(name)
     return names
 
 
@@ -123,10 +137,34 @@ def collect_triples(args) -> list[dict]:
         for k in ("exemplar", "exemplar_out", "query"):
             if not Path(r[k]).is_file():
                 raise InputError(f"{k} image not found: {r[k]}")
+    check_images(rows)
     names = unique_names([r["query"] for r in rows], [r.get("name") for r in rows])
     for r, n in zip(rows, names):
         r["name"] = n
     return rows
+
+
+def check_images(rows: list[dict]):
+    """Fail before any sampling on empty or non-image files (reads only each file's header), so a
+    bad file late in a long manifest does not stop the run after hours with part of the outputs."""
+    from PIL import Image, UnidentifiedImageError
+
+    checked = set()
+    for r in rows:
+        for k in ("exemplar", "exemplar_out", "query"):
+            p = r[k]
+            if p in checked:
+                continue
+            checked.add(p)
+            if os.path.getsize(p) == 0:
+                raise InputError(f"{k} image file is empty (0 bytes): {p}")
+            try:
+                with Image.open(p) as im:
+                    w, h = im.size
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise InputError(f"{k} is not a readable image file: {p} ({e})") from e
+            if w <= 0 or h <= 0:
+                raise InputError(f"{k} image is empty ({w}x{h} pixels): {p}")
 
 
 def check_numbers(args):
@@ -134,6 +172,8 @@ def check_numbers(args):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1 (got {v})")
+    if not 0 <= args.seed < 2**31:  # seeds are uint32 keys: a negative one crashed np.arange(..., uint32)
+        raise InputError(f"--seed must be in 0..2**31-1 (got {args.seed})")
 
 
 def write_json_atomic(obj, path: Path):
@@ -207,11 +247,20 @@ def main(argv=None) -> int:
                 raise InputError(str(e)) from e
             results = pipe.run_canvases(canvases, plan, seed=args.seed)
             for r, res in zip(chunk, results):
-                save_png_atomic(res.image, out / f"{r['name']}.png")
-                save_png_atomic(res.canvas, out / f"{r['name']}_grid.png")
+                files = [(res.image, out / f"{r['name']}.png"), (res.canvas, out / f"{r['name']}_grid.png")]
                 if args.save_candidates:
-                    for i, c in enumerate(res.candidates):
-                        save_png_atomic(c, out / f"{r['name']}_cand{i}.png")
+                    files += [(c, out / f"{r['name']}_cand{i}.png") for i, c in enumerate(res.candidates)]
+                written = []
+                try:  # a query's files appear all together or not at all (each PNG is atomic by itself)
+                    for img, path in files:
+                        save_png_atomic(img, path)
+                        written.append(path)
+                except BaseException as e:
+                    for done in written:
+                        done.unlink(missing_ok=True)
+                    if isinstance(e, OSError):
+                        raise OutputError(f"cannot write {path}: {e}") from e
+                    raise
                 report["queries"][r["name"]] = {
                     "exemplar": r["exemplar"], "exemplar_out": r["exemplar_out"], "query": r["query"],
                     "chosen_seed": res.chosen_seed, "seeds": res.seeds, "scores": res.scores,
@@ -222,6 +271,10 @@ def main(argv=None) -> int:
         bar.close()
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2
+    except OutputError as e:
+        bar.close()
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 1
     finally:
         if report["queries"]:
             report["seconds"] = round(time.time() - t0, 3)

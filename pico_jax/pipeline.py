@@ -126,9 +126,10 @@ class SamplingPlan:
         if self.seeds < 1 or self.keep < 1:
             raise ValueError(f"--seeds and keep must be >= 1 (got seeds={self.seeds}, keep={self.keep})")
         if self.keep > self.seeds:
-            raise ValueError(f"cannot keep {self.keep} of {self.seeds} seeds")
+            raise ValueError(f"cannot keep {self.keep} of {self.seeds} seeds (--keep must not exceed --seeds)")
         if self.selection == "early" and not 1 <= self.scorer.steps <= self.steps:
-            raise ValueError(f"scorer steps k={self.scorer.steps} must be within 1..{self.steps} denoising steps")
+            raise ValueError(f"scorer steps k={self.scorer.steps} (--score-steps) must be within 1..{self.steps} "
+                             "denoising steps (--steps)")
         return self
 
 
@@ -185,9 +186,16 @@ def sample(
         x = jnp.broadcast_to(eps, (b, n, c_lat)) if x is None else x
         return euler_sample(velocity(eps, capture), x, times, start, stop)
 
+    def with_known(x):
+        # The last Euler step moves every token with the model's velocity; at t = 0 the known
+        # panels are their clean latents x0 (the loop only pastes them in at the *input* of each
+        # step), so paste them once more: otherwise the decoder sees the model's unconstrained
+        # output next to B' (a convolutional VAE decoder bleeds it across the panel border).
+        return jnp.where(bmask > 0, x, known.astype(x.dtype))
+
     if plan.selection == "random":
         x, _ = run(noise[0], 0, None, False)
-        return Samples(x[None], jnp.zeros((1, b), jnp.int32), jnp.zeros((len(seeds), b)))
+        return Samples(with_known(x)[None], jnp.zeros((1, b), jnp.int32), jnp.zeros((len(seeds), b)))
 
     def scores_of(aux):
         group_mass, captured = aux  # (steps, L, B, G, G), (steps, L)
@@ -197,7 +205,7 @@ def sample(
         x, aux = jax.vmap(lambda e: run(e, 0, None, True))(noise)
         scores = jax.vmap(scores_of)(aux)  # (S, B)
         idx = choose(scores, plan.keep)
-        return Samples(x[idx, jnp.arange(b)[None]], idx, scores)
+        return Samples(with_known(x[idx, jnp.arange(b)[None]]), idx, scores)
 
     k = plan.scorer.steps
     x_k, aux = jax.vmap(lambda e: run(e, 0, k, True))(noise)
@@ -212,7 +220,7 @@ def sample(
 
     # eps differs per query here (each query kept its own seeds), so the velocity closes over a batch.
     x = jax.vmap(finish)(x_sel, eps_sel)
-    return Samples(x, idx, scores)
+    return Samples(with_known(x), idx, scores)
 
 
 # ------------------------------------------------------------------------------- the pipeline
@@ -255,6 +263,7 @@ class Pipeline:
                 f"gives {expected}"
             )
         self.policy, self.plan, self.batch_size = policy, plan.validate(), batch_size
+        self.plan.scorer.layer_list(transformer.config.num_layers)  # scorer layers in range, now rather than at trace time
         self._graphdef, self._state = nnx.split(transformer)
         self._compiled: dict[Any, Any] = {}
 

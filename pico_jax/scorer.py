@@ -60,7 +60,12 @@ class ScorerConfig:
         return np.asarray(w, np.float32)
 
     def layer_list(self, num_layers: int) -> tuple[int, ...]:
-        return tuple(range(num_layers)) if self.layers is None else tuple(l % num_layers for l in self.layers)
+        if self.layers is None:
+            return tuple(range(num_layers))
+        bad = [l for l in self.layers if not -num_layers <= l < num_layers]
+        if bad:  # `l % num_layers` alone would silently wrap e.g. layer 60 of 57 onto layer 3
+            raise ValueError(f"scorer layers {bad} out of range for a model with {num_layers} attention layers")
+        return tuple(l % num_layers for l in self.layers)
 
 
 def score_from_group_mass(group_mass: jax.Array, captured: jax.Array, weights) -> jax.Array:

@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Wall time of PICO sampling modes on a reduced FLUX-Fill-style transformer.
+
+Times (after compilation; median of --repeat runs, block_until_ready) one jitted `sample()` call
+for one query:
+  one    selection="random": 1 seed, T steps, no scoring (the baseline)
+  full   selection="full":   S seeds × T steps, all captured and scored, best m kept
+  early  selection="early":  S seeds × k captured steps, the best m finish T - k steps
+and the cost of the attention-capture hook: a single-seed T-step run with capture on the scored
+layers at every step (selection="full", S = 1) against the same run without hooks ("one").
+
+Also prints the ideal model-call ratio early/one = (S·k + m·(T−k)) / T and the model calls and
+matmul FLOPs counted in each traced program (scan trip counts and the vmapped seed axis included).
+
+    python benchmarks/bench_sampling.py                       # panel 64 (1024 image tokens), T=20, S=8
+    python benchmarks/bench_sampling.py --panel 32 --repeat 3 # 256 tokens, for slow CPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pico_jax import grid
+from pico_jax.model.autoencoder import PixelAutoencoder
+from pico_jax.model.flux import FluxConfig, FluxTransformer, count_params
+from pico_jax.pipeline import CanvasLayout, SamplingPlan, TextConditioning, fill_condition, sample
+from pico_jax.scorer import ScorerConfig
+
+
+def dot_flops(jaxpr, weight_in: int | None = None) -> float:
+    """Matmul FLOPs of a jaxpr with loop trip counts (cond: the dearer branch). With weight_in,
+    only dots against a (weight_in, ·) weight: the model's input projection, once per call."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            if weight_in is None or (len(rhs) == 2 and rhs[0] == weight_in):
+                total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lc)
+            continue
+        subs = []
+        for p in eqn.params.values():
+            for q in p if isinstance(p, (tuple, list)) else (p,):
+                if isinstance(q, jax.extend.core.ClosedJaxpr):
+                    subs.append(q.jaxpr)
+                elif isinstance(q, jax.extend.core.Jaxpr):
+                    subs.append(q)
+        counts = [dot_flops(s, weight_in) for s in subs]
+        if name == "cond":
+            total += max(counts)
+        elif counts:
+            total += sum(counts) * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps T")
+    ap.add_argument("--seeds", type=int, default=8, help="seeds S (best-of-S)")
+    ap.add_argument("--keep", type=int, default=1, help="seeds finished by early selection (m)")
+    ap.add_argument("--score-steps", type=int, default=2, help="scorer steps k")
+    ap.add_argument("--panel", type=int, default=64, help="panel size P (canvas 2P x 2P, PixelAutoencoder(2))")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per mode (median reported)")
+    ap.add_argument("--double", type=int, default=2, help="double-stream blocks")
+    ap.add_argument("--single", type=int, default=4, help="single-stream blocks")
+    args = ap.parse_args()
+    T, S, m, k = args.steps, args.seeds, args.keep, args.score_steps
+
+    ae = PixelAutoencoder(2)
+    in_ch = 2 * 4 * ae.latent_channels + 4 * ae.downsample_factor**2  # [noisy | masked canvas | mask]
+    cfg = FluxConfig(num_double=args.double, num_single=args.single, num_heads=8, head_dim=64,
+                     axes_dims_rope=(8, 28, 28), in_channels=in_ch, out_channels=4 * ae.latent_channels,
+                     context_dim=64, pooled_dim=64, guidance_embeds=False)
+    model = FluxTransformer(cfg, rngs=nnx.Rngs(0))
+    layout = CanvasLayout(args.panel, ae.downsample_factor)
+    text = TextConditioning.empty(1, cfg.context_dim, cfg.pooled_dim)
+    rng = np.random.default_rng(0)
+    imgs = [rng.random((args.panel, args.panel, 3)).astype(np.float32) for _ in range(3)]
+    canvas = jnp.asarray(grid.compose(*imgs, panel=args.panel, multiple=4).image[None] * 2.0 - 1.0)
+    cond, known = fill_condition(ae, canvas, layout)
+    seeds = jnp.arange(S, dtype=jnp.uint32)
+
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
+          f"jax {jax.__version__}, {platform.machine()}")
+    print(f"model: FLUX-Fill-style, {cfg.num_double} double + {cfg.num_single} single blocks, width {cfg.width} "
+          f"({cfg.num_heads} heads x {cfg.head_dim}, rope axes {cfg.axes_dims_rope}), in {cfg.in_channels} -> out "
+          f"{cfg.output_channels} channels, {count_params(nnx.state(model)) / 1e6:.1f} M params, fp32")
+    print(f"canvas: panel {args.panel} -> {2 * args.panel}^2 pixels, PixelAutoencoder(2) -> "
+          f"{layout.num_tokens} image tokens + 1 text token; batch 1 query")
+    print(f"sampling: T={T} steps, S={S} seeds, k={k} scorer steps (all {cfg.num_layers} layers captured), m={m} kept; "
+          f"median of {args.repeat} run(s) after compile")
+
+    graphdef, state = nnx.split(model)
+    plans = {
+        "one (random)": (SamplingPlan(steps=T, seeds=S, keep=1, selection="random"), seeds),
+        f"best-of-{S} full": (SamplingPlan(steps=T, seeds=S, keep=m, selection="full", scorer=ScorerConfig(steps=k)), seeds),
+        f"best-of-{S} early (m={m})": (SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
+                                                   scorer=ScorerConfig(steps=k)), seeds),
+        "1 seed full + capture": (SamplingPlan(steps=T, seeds=1, keep=1, selection="full"), seeds[:1]),
+    }
+    times, calls, flops = {}, {}, {}
+    for name, (plan, sd) in plans.items():
+        plan = plan.validate()
+        fn = jax.jit(lambda st, c, kn, s, plan=plan: sample(nnx.merge(graphdef, st), c, kn, text, s, layout, plan))
+        jaxpr = jax.make_jaxpr(fn)(state, cond, known, sd).jaxpr
+        per_call = 2.0 * layout.num_tokens * cfg.in_channels * cfg.width
+        calls[name] = dot_flops(jaxpr, cfg.in_channels) / per_call
+        flops[name] = dot_flops(jaxpr)
+        t0 = time.perf_counter()
+        compiled = fn.lower(state, cond, known, sd).compile()
+        jax.block_until_ready(compiled(state, cond, known, sd))
+        compile_s = time.perf_counter() - t0
+        runs = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(state, cond, known, sd))
+            runs.append(time.perf_counter() - t0)
+        times[name] = statistics.median(runs)
+        print(f"  {name:<26} {times[name]:8.3f} s  (runs {', '.join(f'{r:.3f}' for r in runs)}; "
+              f"compile+first {compile_s:.1f} s)  model calls {calls[name]:.0f}, matmul {flops[name] / 1e12:.3f} TFLOP",
+              flush=True)
+
+    one, full, early, cap = (times[n] for n in plans)
+    ideal = (S * k + m * (T - k)) / T
+    print("ratios (wall time):")
+    print(f"  early / one  = {early / one:6.2f}   (ideal model-call ratio (S·k + m·(T−k))/T = {ideal:.2f})")
+    print(f"  full  / one  = {full / one:6.2f}   (ideal S = {S})")
+    print(f"  early / full = {early / full:6.3f}   (ideal {ideal / S:.3f})")
+    print(f"  capture hook: 1 seed, {T} steps, capture on all steps / no hooks = {cap / one:.2f}")
+    f_one, f_full, f_early, f_cap = (flops[n] for n in plans)
+    print(f"ratios (traced matmul FLOPs): early/one {f_early / f_one:.2f}, full/one {f_full / f_one:.2f}, "
+          f"early/full {f_early / f_full:.3f}, capture/none {f_cap / f_one:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The inference CLI, in-process (`pico_jax.infer.main([...])`) on a tiny random pico checkpoint:
+outputs and scores.json, manifest mode, exit code 2 with a message naming the culprit for every
+bad input, and no partial or temporary files after a failure."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from pico_jax import imageio
+from pico_jax.checkpoints import save_pico
+from pico_jax.infer import main, unique_names
+from pico_jax.model.flux import FluxConfig, FluxTransformer
+from pico_jax.pipeline import SamplingPlan
+from pico_jax.scorer import ScorerConfig
+
+PANEL = 16
+CFG = FluxConfig(num_double=1, num_single=1, num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), in_channels=112,
+                 out_channels=48, context_dim=16, pooled_dim=16, guidance_embeds=False)
+PLAN = SamplingPlan(steps=2, seeds=2, keep=1, selection="early", scorer=ScorerConfig(steps=1))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = FluxTransformer(CFG, rngs=nnx.Rngs(0))
+    return str(save_pico(tmp_path_factory.mktemp("ck") / "pico", model, panel=PANEL,
+                         autoencoder={"kind": "pixel", "factor": 2}, plan=PLAN))
+
+
+def _png(path, size_wh=(16, 16), seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (size_wh[1], size_wh[0], len(mode)), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a, mode).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def imgs(tmp_path):
+    d = tmp_path / "in"
+    return {
+        "a": _png(d / "a.png", seed=1),
+        "a_out": _png(d / "a_out.png", seed=2),
+        "b": _png(d / "b.png", (20, 12), seed=3),  # W × H = 20 × 12
+        "b2": _png(d / "x" / "b.png", (9, 31), seed=4, mode="RGBA"),  # same stem, other dir
+    }
+
+
+def _files(out):
+    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+
+def _no_temp(out):
+    return [n for n in _files(out) if n.startswith(".") or "tmp" in n]
+
+
+def _readable_png(path):
+    with Image.open(path) as im:
+        im.load()
+        return im.size
+
+
+def test_writes_outputs_at_query_size_and_scores(tmp_path, imgs, checkpoint, capsys):
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
+               "--query", imgs["b2"], "--out", str(out), "--seeds", "3", "--keep", "2", "--save-candidates",
+               "--seed", "5", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert _files(out) == sorted(["b.png", "b_grid.png", "b_cand0.png", "b_cand1.png",
+                                  "b_1.png", "b_1_grid.png", "b_1_cand0.png", "b_1_cand1.png", "scores.json"])
+    assert _readable_png(out / "b.png") == (20, 12)  # the query's original size
+    assert _readable_png(out / "b_1.png") == (9, 31)
+    assert _readable_png(out / "b_grid.png") == (2 * PANEL, 2 * PANEL)
+    assert _readable_png(out / "b_cand0.png") == (PANEL, PANEL)
+    report = json.loads((out / "scores.json").read_text())
+    assert set(report["queries"]) == {"b", "b_1"}
+    for name, q in report["queries"].items():
+        assert q["seeds"] == [5, 6, 7] and len(q["scores"]) == 3
+        assert all(isinstance(s, float) for s in q["scores"])
+        assert q["chosen_seed"] == q["seeds"][int(np.argmax(q["scores"]))]
+    assert report["queries"]["b_1"]["query"] == imgs["b2"]
+    assert report["plan"]["seeds"] == 3 and report["plan"]["keep"] == 2 and report["plan"]["steps"] == PLAN.steps
+    # The B' panel of the grid is the output (resized), the other panels are the inputs.
+    with Image.open(out / "b_grid.png") as g:
+        grid_img = np.asarray(g.convert("RGB"))
+    with Image.open(out / "b_cand0.png") as c:
+        np.testing.assert_array_equal(grid_img[PANEL:, PANEL:], np.asarray(c.convert("RGB")))
+    with Image.open(imgs["a"]) as a:
+        np.testing.assert_array_equal(grid_img[:PANEL, :PANEL], np.asarray(a))
+    assert not _no_temp(out)
+
+
+def test_manifest_relative_paths_and_unique_names(tmp_path, imgs, checkpoint, monkeypatch, capsys):
+    mdir = tmp_path / "in"  # manifest next to the images, paths relative to it
+    rows = [
+        {"exemplar": "a.png", "exemplar_out": "a_out.png", "query": "b.png"},
+        {"exemplar": "a.png", "exemplar_out": "a_out.png", "query": "x/b.png"},
+        {"exemplar": "a.png", "exemplar_out": "a_out.png", "query": "b.png", "name": "custom"},
+        {"exemplar": imgs["a"], "exemplar_out": imgs["a_out"], "query": imgs["b"]},  # absolute
+    ]
+    (mdir / "triples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # relative paths resolve against the manifest, not the cwd
+    rc = main(["--checkpoint", checkpoint, "--manifest", str(mdir / "triples.jsonl"), "--out", "res",
+               "--batch-size", "3", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    out = elsewhere / "res"
+    names = ["b", "b_1", "custom", "b_2"]
+    assert _files(out) == sorted([f"{n}.png" for n in names] + [f"{n}_grid.png" for n in names] + ["scores.json"])
+    report = json.loads((out / "scores.json").read_text())
+    assert list(report["queries"]) == names
+    assert report["queries"]["b_1"]["query"] == str(mdir / "x/b.png")
+    assert _readable_png(out / "b_1.png") == (9, 31)
+    # Same query and seeds → same output, whatever the name and batch position.
+    for n in ("custom", "b_2"):
+        assert report["queries"][n]["scores"] == pytest.approx(report["queries"]["b"]["scores"], abs=1e-6)
+
+
+def test_unique_names_never_collide():
+    assert unique_names(["d/b.png", "e/b.png", "f/b_1.png"], [None] * 3) == ["b", "b_1", "b_1_1"]
+    assert unique_names(["b_1.png", "b.png", "b.png"], [None] * 3) == ["b_1", "b", "b_2"]
+    assert unique_names(["q.png", "r.png"], ["n", "n"]) == ["n", "n_1"]
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def _bad_inputs(tmp_path, imgs, checkpoint):
+    t = tmp_path
+    (t / "notimg.png").write_text("this is not an image")
+    (t / "empty.png").write_bytes(b"")
+    (t / "badjson.jsonl").write_text(json.dumps({"exemplar": "a.png", "exemplar_out": "a.png", "query": "a.png"})
+                                     + "\n{oops\n")
+    (t / "nokey.jsonl").write_text(json.dumps({"exemplar": imgs["a"], "exemplar_out": imgs["a"]}) + "\n")
+    (t / "notobj.jsonl").write_text('"a.png"\n')
+    (t / "not_pico").mkdir()
+    ex = ["--exemplar", imgs["a"], imgs["a_out"]]
+    ck = ["--checkpoint", checkpoint]
+    return {
+        "missing image": (ck + ex + ["--query", str(t / "nope.png")], ["nope.png", "not found"]),
+        "missing exemplar": (ck + ["--exemplar", str(t / "gone.png"), imgs["a_out"], "--query", imgs["b"]], ["gone.png"]),
+        "non-image": (ck + ex + ["--query", str(t / "notimg.png")], ["notimg.png"]),
+        "empty file": (ck + ["--exemplar", imgs["a"], str(t / "empty.png"), "--query", imgs["b"]], ["empty.png", "empty"]),
+        "bad json line": (ck + ["--manifest", str(t / "badjson.jsonl")], ["badjson.jsonl:2", "JSON"]),
+        "missing key": (ck + ["--manifest", str(t / "nokey.jsonl")], ["nokey.jsonl:1", "query"]),
+        "not an object": (ck + ["--manifest", str(t / "notobj.jsonl")], ["notobj.jsonl:1"]),
+        "missing manifest": (ck + ["--manifest", str(t / "nomanifest.jsonl")], ["nomanifest.jsonl"]),
+        "seeds 0": (ck + ex + ["--query", imgs["b"], "--seeds", "0"], ["--seeds"]),
+        "negative seed": (ck + ex + ["--query", imgs["b"], "--seed", "-1"], ["--seed"]),
+        "keep > seeds": (ck + ex + ["--query", imgs["b"], "--seeds", "2", "--keep", "3"], ["--keep", "3"]),
+        "score steps > steps": (ck + ex + ["--query", imgs["b"], "--steps", "2", "--score-steps", "3"], ["--score-steps"]),
+        "manifest and query": (ck + ["--manifest", str(t / "nokey.jsonl"), "--query", imgs["b"]], ["--manifest"]),
+        "no query": (ck + ex, ["--query"]),
+        "not a checkpoint": (["--checkpoint", str(t / "not_pico")] + ex + ["--query", imgs["b"]], ["not_pico", "pico"]),
+    }
+
+
+CASES = ["missing image", "missing exemplar", "non-image", "empty file", "bad json line", "missing key",
+         "not an object", "missing manifest", "seeds 0", "negative seed", "keep > seeds", "score steps > steps",
+         "manifest and query", "no query", "not a checkpoint"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exit_code_2_names_the_culprit(case, tmp_path, imgs, checkpoint, capsys):
+    argv, needles = _bad_inputs(tmp_path, imgs, checkpoint)[case]
+    out = tmp_path / "out"
+    rc = main(argv + ["--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "error" in err and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert _files(out) == []  # nothing written
+
+
+def test_unreadable_second_query_in_a_batch_leaves_nothing(tmp_path, imgs, checkpoint, capsys):
+    """A truncated file passes the header check; it fails when the batch is loaded, before any
+    sampling, so with both queries in one batch nothing at all is written."""
+    good = open(imgs["b"], "rb").read()
+    trunc = tmp_path / "in" / "trunc.png"
+    trunc.write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
+               "--query", str(trunc), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "trunc.png" in err, err
+    assert _files(out) == []
+
+
+def test_unreadable_query_in_a_later_batch_keeps_only_complete_results(tmp_path, imgs, checkpoint, capsys):
+    good = open(imgs["b"], "rb").read()
+    trunc = tmp_path / "in" / "trunc.png"
+    trunc.write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
+               "--query", str(trunc), "--out", str(out), "--batch-size", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "trunc.png" in err, err
+    assert _files(out) == ["b.png", "b_grid.png", "scores.json"]  # the finished query, complete
+    assert _readable_png(out / "b.png") == (20, 12) and _readable_png(out / "b_grid.png") == (32, 32)
+    assert list(json.loads((out / "scores.json").read_text())["queries"]) == ["b"]
+
+
+def test_png_writer_failing_mid_run_leaves_no_partial_files(tmp_path, imgs, checkpoint, monkeypatch, capsys):
+    """The 4th PNG write (the second query's grid) dies half-way through writing its data."""
+    real_save = Image.Image.save
+    calls = []
+
+    def flaky_save(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 4:
+            fp.write(b"\x89PNG\r\n\x1a\n half a png")
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", flaky_save)
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
+               "--query", imgs["b2"], "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert len(calls) == 4
+    assert rc == 1 and "b_1_grid.png" in err and "No space left" in err, err
+    # The first query is complete; of the second, neither its (already written) B' nor the
+    # half-written grid remains; no temp files; scores.json lists exactly the complete query.
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert _files(out) == ["b.png", "b_grid.png", "scores.json"]
+    assert _readable_png(out / "b.png") == (20, 12)
+    assert list(json.loads((out / "scores.json").read_text())["queries"]) == ["b"]
+
+
+def test_save_png_atomic_cleans_up_on_failure(tmp_path, monkeypatch):
+    """The writer the CLI relies on: a failure mid-write leaves neither the target nor a temp."""
+    def broken(self, fp, *a, **k):
+        fp.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken)
+    with pytest.raises(OSError):
+        imageio.save_png_atomic(np.zeros((4, 4, 3), np.float32), tmp_path / "x.png")
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,449 @@
+"""The PICO sampler and pipeline on a tiny random FLUX-Fill-style model: seeds under vmap equal
+seeds one by one, outputs depend only on (query, seed), early selection finishes only the kept
+seeds (same trajectories, fewer model calls), the scorer's definition, known panels held at
+their exact noisy interpolation, Fill conditioning, and the pico checkpoint round trip."""
+
+import json
+import math
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pico_jax import grid
+from pico_jax.checkpoints import load_pico, save_pico
+from pico_jax.flow import flux_mu, flux_schedule
+from pico_jax.model.autoencoder import PixelAutoencoder
+from pico_jax.model.flux import FluxConfig, FluxTransformer
+from pico_jax.pipeline import (
+    CanvasLayout,
+    Pipeline,
+    SamplingPlan,
+    TextConditioning,
+    decode_tokens,
+    encode_tokens,
+    fill_condition,
+    sample,
+    seed_noise,
+)
+from pico_jax.safetensors_io import CheckpointError
+from pico_jax.scorer import BPRIME, PRESETS, ScorerConfig, choose, score_from_group_mass
+
+PANEL, AE = 16, 2  # canvas 32² → latents 16² × 12 → 8×8 = 64 tokens of 48 channels
+CFG = FluxConfig(num_double=1, num_single=1, num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), in_channels=112,
+                 out_channels=48, context_dim=16, pooled_dim=16, guidance_embeds=False)
+C_LAT = 48
+T, S, K = 4, 4, 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    return FluxTransformer(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def ae():
+    return PixelAutoencoder(AE)
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return CanvasLayout(PANEL, AE)
+
+
+@pytest.fixture(scope="module")
+def text():
+    return TextConditioning.empty(1, CFG.context_dim, CFG.pooled_dim)
+
+
+def _images(n, seed=0, size=(PANEL, PANEL)):
+    rng = np.random.default_rng(seed)
+    return [rng.random((*size, 3)).astype(np.float32) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def canvases():
+    """Three canvases (B = 3) in [-1, 1] sharing the exemplar pair, different queries."""
+    a, a_out, *qs = _images(5, seed=1)
+    return np.stack([grid.compose(a, a_out, q, panel=PANEL, multiple=2 * AE).image for q in qs]) * 2.0 - 1.0
+
+
+@pytest.fixture(scope="module")
+def conditioned(ae, layout, canvases):
+    cond, known = fill_condition(ae, jnp.asarray(canvases), layout)
+    return cond, known
+
+
+_JITTED: dict = {}
+
+
+def run_sample(model, cond, known, text, seeds, layout, plan):
+    """sample() jitted once per plan (every model here has the same structure; its parameters are
+    an argument, so a model with other weights reuses the compiled function)."""
+    key = (nnx.graphdef(model), plan)
+    if key not in _JITTED:
+        graphdef, _ = nnx.split(model)
+
+        @jax.jit
+        def fn(state, cond, known, text, seeds):
+            return sample(nnx.merge(graphdef, state), cond, known, text, seeds, layout, plan)
+
+        _JITTED[key] = fn
+    return _JITTED[key](nnx.state(model), cond, known, text, jnp.asarray(seeds, jnp.uint32))
+
+
+def _plan(selection, seeds=S, keep=1, steps=T, k=K, **scorer):
+    return SamplingPlan(steps=steps, seeds=seeds, keep=keep, selection=selection, scorer=ScorerConfig(steps=k, **scorer))
+
+
+def _by_seed(samples, seeds):
+    """{seed: (B, N, C) final tokens} from a run that kept every seed."""
+    tokens, chosen = np.asarray(samples.tokens), np.asarray(samples.chosen)
+    out = {}
+    for s_idx, s in enumerate(seeds):
+        rows = [tokens[np.where(chosen[:, b] == s_idx)[0][0], b] for b in range(tokens.shape[1])]
+        out[s] = np.stack(rows)
+    return out
+
+
+# --------------------------------------------------------------------------- seeds and batches
+def test_vmap_over_seeds_equals_seeds_one_by_one(model, conditioned, text, layout):
+    cond, known = conditioned
+    seeds = [3, 5, 11, 12]
+    together = run_sample(model, cond, known, text, seeds, layout, _plan("full", keep=S))
+    assert together.tokens.shape == (S, 3, layout.num_tokens, C_LAT)
+    by_seed = _by_seed(together, seeds)
+    for j, s in enumerate(seeds):
+        alone = run_sample(model, cond, known, text, [s], layout, _plan("full", seeds=1, keep=1))
+        np.testing.assert_allclose(alone.tokens[0], by_seed[s], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(alone.scores[0], together.scores[j], rtol=1e-5, atol=1e-6)
+    # Different seeds really give different samples (the comparison above is not vacuous).
+    assert np.abs(by_seed[3] - by_seed[5]).max() > 1e-2
+    # Scores are in [0, 1] for the "context" weights (a fraction of attention mass) and not all equal.
+    sc = np.asarray(together.scores)
+    assert np.all((sc > 0) & (sc < 1)) and np.ptp(sc) > 0
+    # The kept order is best first.
+    assert np.all(np.diff(np.take_along_axis(sc, np.asarray(together.chosen), 0), axis=0) <= 0)
+
+
+def test_seed_noise_depends_only_on_the_seed():
+    a = seed_noise(jnp.array([4, 9], jnp.uint32), (8, 3), jnp.float32)
+    b = seed_noise(jnp.array([9], jnp.uint32), (8, 3), jnp.float32)
+    np.testing.assert_array_equal(a[1], b[0])
+    assert not np.allclose(a[0], a[1])
+
+
+@pytest.fixture(scope="module")
+def pipe(model, ae, text):
+    return Pipeline(model, ae, text, panel=PANEL, plan=_plan("early", keep=2), batch_size=2)
+
+
+def test_same_seed_same_output_and_independent_of_batch(pipe):
+    a, a_out, q1, q2, q3 = _images(5, seed=2)
+    q_odd = _images(1, seed=3, size=(12, 20))[0]  # a non-square query in the batch
+    r1 = pipe(a, a_out, [q1, q2], seed=7)
+    r1b = pipe(a, a_out, [q1, q2], seed=7)
+    np.testing.assert_array_equal(r1[0].image, r1b[0].image)
+    assert r1[0].scores == r1b[0].scores and r1[0].chosen_seed == r1b[0].chosen_seed
+    # q1 second in a batch with other mates (and a padded partial batch: 3 queries, batch size 2).
+    r2 = pipe(a, a_out, [q3, q_odd, q1], seed=7)
+    np.testing.assert_allclose(r2[2].image, r1[0].image, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(r2[2].scores, r1[0].scores, rtol=1e-5, atol=1e-6)
+    assert r2[2].chosen_seed == r1[0].chosen_seed
+    assert r1[0].seeds == list(range(7, 7 + S))
+    assert r2[1].image.shape == (12, 20, 3)  # B' at the query's original size
+    # Another first seed gives other samples.
+    r3 = pipe(a, a_out, [q1], seed=100)
+    assert np.abs(r3[0].image - r1[0].image).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- early selection
+def test_early_selection_finishes_the_best_m_with_unchanged_trajectories(model, conditioned, text, layout, pipe):
+    cond, known = conditioned
+    seeds = [0, 1, 2, 3]
+    m = 2
+    early = run_sample(model, cond, known, text, seeds, layout, _plan("early", keep=m))
+    assert early.tokens.shape == (m, 3, layout.num_tokens, C_LAT) and early.chosen.shape == (m, 3)
+    np.testing.assert_array_equal(early.chosen, np.argsort(-np.asarray(early.scores), axis=0, kind="stable")[:m])
+    # Every seed's trajectory is deterministic: the early-selected seeds end exactly where the
+    # same seeds end in a full run (all seeds finished).
+    full = _by_seed(run_sample(model, cond, known, text, seeds, layout, _plan("full", keep=S)), seeds)
+    for i in range(m):
+        for b in range(3):
+            s = seeds[int(early.chosen[i, b])]
+            np.testing.assert_allclose(early.tokens[i, b], full[s][b], rtol=1e-5, atol=1e-5)
+    # The pipeline keeps m candidates, best first, and the first is the result.
+    a, a_out, q = _images(3, seed=4)
+    res = pipe(a, a_out, [q], keep=m)[0]
+    assert len(res.candidates) == m
+    np.testing.assert_array_equal(res.canvas[PANEL:, PANEL:], res.candidates[0])
+    assert res.chosen_seed == int(np.argmax(res.scores))
+
+
+def test_early_scores_are_the_documented_attention_statistic(model, conditioned, text, layout):
+    """k = 1: the score is Σ_j w_j · group_mass[B', j] of the very first model call (t = 1, where
+    every token, known or not, is the seed's noise), averaged over the scored layers."""
+    cond, known = conditioned
+    seeds = [21, 22]
+    plan = _plan("early", seeds=2, k=1, layers=(-1,), weights="exemplar")
+    got = run_sample(model, cond, known, text, seeds, layout, plan).scores  # (S, B)
+    b, n = cond.shape[:2]
+    hooks = layout.hooks(1, CFG.num_layers, [CFG.num_layers - 1])
+    eps = seed_noise(jnp.asarray(seeds, jnp.uint32), (n, C_LAT), jnp.float32)
+    w = np.asarray(PRESETS["exemplar"])
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def first_call(state, eps):
+        x = jnp.broadcast_to(eps, (b, n, C_LAT))
+        return nnx.merge(graphdef, state)(jnp.concatenate([x, cond], -1), jnp.zeros((b, 1, 16)), jnp.zeros((b, 16)),
+                                          jnp.ones(b), layout.img_ids(), np.zeros((1, 3), np.float32), None, hooks=hooks)
+
+    for j in range(2):
+        _, cap = first_call(state, eps[j])
+        want = np.asarray(cap.group_mass)[-1, :, BPRIME] @ w  # (B,)
+        assert np.asarray(cap.group_mass)[0].sum() == 0  # layer 0 not captured
+        np.testing.assert_allclose(got[j], want, rtol=1e-5, atol=1e-6)
+
+
+def _dot_flops(jaxpr, weight_in: int | None = None) -> float:
+    """Flops of every dot_general in a jaxpr, loops multiplied by their trip counts (XLA's
+    cost_analysis counts a while-loop body once). With `weight_in`, only dots whose right
+    operand is a (weight_in, ·) matrix (the model's input projection)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            if weight_in is None or (len(rhs) == 2 and rhs[0] == weight_in):
+                total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lc)
+            continue
+        if name == "while":
+            raise AssertionError("a while loop of unknown trip count in the sampler")
+        subs = []
+        for p in eqn.params.values():
+            for q in p if isinstance(p, (tuple, list)) else (p,):
+                if isinstance(q, jax.extend.core.ClosedJaxpr):
+                    subs.append(q.jaxpr)
+                elif isinstance(q, jax.extend.core.Jaxpr):
+                    subs.append(q)
+        counts = [_dot_flops(s, weight_in) for s in subs]
+        if name == "cond":
+            total += max(counts)  # the capture branch where a layer is scored
+        elif counts:
+            total += sum(counts) * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
+def test_early_selection_costs_fewer_model_calls(model, conditioned, text, layout):
+    """Count model invocations in the traced program: every call runs the input projection
+    (in_channels → width) once per example, so its flops / (2·B·N·in·width) = model calls,
+    with scan trip counts and the vmapped seed axis accounted for."""
+    cond, known = conditioned
+    b, n = cond.shape[:2]
+    seeds = jnp.arange(S, dtype=jnp.uint32)
+    per_call = 2.0 * b * n * CFG.in_channels * CFG.width
+    calls, flops = {}, {}
+    m, t, k = 1, 8, 2
+    for sel in ("random", "full", "early"):
+        plan = _plan(sel, keep=m, steps=t, k=k)
+        jaxpr = jax.make_jaxpr(lambda c, kn: sample(model, c, kn, text, seeds, layout, plan))(cond, known).jaxpr
+        calls[sel] = _dot_flops(jaxpr, CFG.in_channels) / per_call
+        flops[sel] = _dot_flops(jaxpr)
+    assert calls == {"random": t, "full": S * t, "early": S * k + m * (t - k)}
+    assert flops["early"] < 0.5 * flops["full"]
+    ideal = (S * k + m * (t - k)) / (S * t)
+    assert flops["early"] / flops["full"] == pytest.approx(ideal, rel=0.15)
+    assert flops["random"] < flops["early"]
+
+
+# ------------------------------------------------------------------------------------ scorer
+def test_score_from_group_mass_hand_built():
+    steps, L, B, G = 2, 3, 2, 5
+    gm = np.full((steps, L, B, G, G), 99.0, np.float32)  # garbage everywhere ...
+    captured = np.array([[True, False, True], [False, False, True]])
+    rows = {(0, 0): [0.1, 0.2, 0.3, 0.1, 0.3], (0, 2): [0.0, 0.5, 0.0, 0.0, 0.5], (1, 2): [0.2, 0.2, 0.2, 0.2, 0.2]}
+    for (s, l), r in rows.items():
+        gm[s, l, :, BPRIME] = r  # ... except the B' rows of captured (step, layer) pairs
+        gm[s, l, 1, BPRIME] = np.asarray(r)[::-1]  # query 1: reversed rows
+    w = PRESETS["context"]
+    got = np.asarray(score_from_group_mass(jnp.asarray(gm), jnp.asarray(captured), w))
+    q0 = ((0.2 + 0.3 + 0.1) + (0.5) + (0.6)) / 3
+    q1 = ((0.1 + 0.3 + 0.2) + (0.0 + 0.5 + 0.0) + 0.6) / 3
+    np.testing.assert_allclose(got, [q0, q1], rtol=1e-6)
+    # "self" prefers less B'→B' attention; "query" reads only B.
+    np.testing.assert_allclose(score_from_group_mass(jnp.asarray(gm), jnp.asarray(captured), PRESETS["self"]),
+                               [-(0.3 + 0.5 + 0.2) / 3, -(0.1 + 0.0 + 0.2) / 3], rtol=1e-6)
+    np.testing.assert_allclose(score_from_group_mass(jnp.asarray(gm), jnp.asarray(captured), PRESETS["query"]),
+                               [(0.1 + 0 + 0.2) / 3, (0.2 + 0.5 + 0.2) / 3], rtol=1e-6)
+
+
+def test_choose_orders_best_first():
+    scores = jnp.array([[0.1, 0.9], [0.7, 0.2], [0.4, 0.5], [0.8, 0.0]])  # (S=4, B=2)
+    np.testing.assert_array_equal(choose(scores, 2), [[3, 0], [1, 2]])
+    np.testing.assert_array_equal(choose(scores, 4)[:, 1], [0, 2, 1, 3])
+    assert choose(scores, 1).shape == (1, 2)
+
+
+def test_scorer_config_presets_and_errors():
+    for name, w in PRESETS.items():
+        np.testing.assert_array_equal(ScorerConfig(weights=name).weight_vector(), w)
+    np.testing.assert_array_equal(ScorerConfig(weights=(1, 0, 0, 0, 2)).weight_vector(), [1, 0, 0, 0, 2])
+    with pytest.raises(ValueError, match="unknown scorer weights 'contxt'"):
+        ScorerConfig(weights="contxt").weight_vector()
+    with pytest.raises(ValueError, match="need 5 entries"):
+        ScorerConfig(weights=(1.0, 2.0)).weight_vector()
+    assert ScorerConfig().layer_list(4) == (0, 1, 2, 3)
+    assert ScorerConfig(layers=(0, -1)).layer_list(57) == (0, 56)
+    with pytest.raises(ValueError, match="out of range"):
+        ScorerConfig(layers=(60,)).layer_list(57)
+    with pytest.raises(ValueError, match="out of range"):
+        ScorerConfig(layers=(-58,)).layer_list(57)
+
+
+def test_sampling_plan_validation():
+    SamplingPlan().validate()
+    with pytest.raises(ValueError, match="selection"):
+        SamplingPlan(selection="best").validate()
+    with pytest.raises(ValueError, match=">= 1"):
+        SamplingPlan(seeds=0).validate()
+    with pytest.raises(ValueError, match="cannot keep 3 of 2"):
+        SamplingPlan(seeds=2, keep=3).validate()
+    with pytest.raises(ValueError, match="scorer steps"):
+        SamplingPlan(steps=4, scorer=ScorerConfig(steps=5)).validate()
+    SamplingPlan(steps=4, selection="full", scorer=ScorerConfig(steps=5)).validate()  # k unused by full
+
+
+# ----------------------------------------------------------------------------- known panels
+class _GarbageModel:
+    """Velocity = large nonsense; records (step input, t) through a debug callback."""
+
+    def __init__(self, record):
+        self.config, self.dtype, self.record = CFG, jnp.float32, record
+
+    def __call__(self, inp, prompt, pooled, t, img_ids, txt_ids, guidance, hooks=None):
+        jax.debug.callback(lambda x, tt: self.record.append((np.asarray(x), float(tt[0]))), inp[..., :C_LAT], t)
+        return jnp.sin(inp[..., :C_LAT] * 13.0) * 50.0
+
+
+def test_known_panels_are_the_exact_noisy_truth_at_every_step(conditioned, text, layout):
+    cond, known = conditioned
+    record = []
+    s = sample(_GarbageModel(record), cond, known, text, jnp.array([5], jnp.uint32), layout, _plan("random", seeds=1))
+    jax.block_until_ready(s.tokens)
+    times = flux_schedule(T, mu=flux_mu(layout.num_tokens))
+    assert [round(t, 6) for _, t in record] == [round(float(t), 6) for t in times[:-1]]
+    eps = np.asarray(seed_noise(jnp.array([5], jnp.uint32), (layout.num_tokens, C_LAT), jnp.float32))[0]
+    kn = np.asarray(known)
+    bm = layout.bprime_tokens() > 0
+    for x, t in record:
+        np.testing.assert_allclose(x[:, ~bm], ((1 - t) * kn + t * eps)[:, ~bm], rtol=1e-6, atol=1e-6)
+    assert np.abs(record[-1][0][:, bm] - record[0][0][:, bm]).max() > 1.0  # B' moved (garbage)
+    # At t = 0 the known panels are the clean latents.
+    np.testing.assert_array_equal(np.asarray(s.tokens[0])[:, ~bm], kn[:, ~bm])
+
+
+@pytest.mark.parametrize("selection", ["random", "full", "early"])
+def test_decoded_known_panels_equal_inputs_with_garbage_model(selection, model, ae, conditioned, canvases, text, layout):
+    bad = nnx.clone(model)
+    bad.final_proj.kernel[...] = bad.final_proj.kernel[...] * 1000.0  # velocity in the thousands
+    cond, known = conditioned
+    plan = {"random": _plan("random"), "full": _plan("full", keep=S), "early": _plan("early", keep=2)}[selection]
+    s = run_sample(bad, cond, known, text, [0, 1, 2, 3], layout, plan)  # plans compiled by the tests above
+    for tok in s.tokens:
+        img = np.asarray(decode_tokens(ae, tok, layout))
+        for p in range(3):  # A, A', B
+            np.testing.assert_allclose(grid.split(img, PANEL)[p], grid.split(canvases, PANEL)[p], atol=1e-5)
+        assert np.abs(grid.split(img, PANEL)[3]).max() > 10.0  # B' is the garbage model's
+
+
+# ------------------------------------------------------------------------------ conditioning
+def test_fill_condition_layout(ae, layout, canvases):
+    cond, known = fill_condition(ae, jnp.asarray(canvases), layout)
+    n = layout.num_tokens
+    assert cond.shape == (3, n, C_LAT + 4 * AE**2) and known.shape == (3, n, C_LAT)
+    bm = layout.bprime_tokens() > 0
+    masked = canvases * (1.0 - grid.bprime_mask(PANEL)[None, :, :, None])
+    np.testing.assert_array_equal(cond[..., :C_LAT], known)
+    np.testing.assert_allclose(known, encode_tokens(ae, jnp.asarray(masked)), atol=1e-6)
+    np.testing.assert_allclose(known[:, ~bm], encode_tokens(ae, jnp.asarray(canvases))[:, ~bm], atol=1e-6)
+    assert not np.any(np.asarray(known)[:, bm])  # B' blanked (0 in [-1, 1])
+    mask_part = np.asarray(cond[..., C_LAT:])
+    np.testing.assert_array_equal(mask_part[:, bm], 1.0)
+    np.testing.assert_array_equal(mask_part[:, ~bm], 0.0)
+    np.testing.assert_array_equal(mask_part, grid.pack_mask(np.broadcast_to(grid.bprime_mask(PANEL), (3, 2 * PANEL, 2 * PANEL)), AE))
+
+
+def test_in_channels_mismatch_is_an_error(ae, text):
+    wrong = FluxTransformer(CFG.replace(in_channels=96), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="96 input channels.*gives 112"):
+        Pipeline(wrong, ae, text, panel=PANEL)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def test_save_load_pico_round_trip(tmp_path, model, pipe):
+    fancy = _plan("full", keep=3, layers=(0, -1), weights=(0.0, 1.0, 0.5, 0.0, 0.0))
+    d = save_pico(tmp_path / "ck", model, panel=PANEL, autoencoder={"kind": "pixel", "factor": AE}, plan=fancy)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp dir left
+    assert load_pico(d).plan == fancy  # tuples survive JSON
+    # Overwrite (atomic replace) with the plan `pipe` runs, and compare outputs.
+    save_pico(d, model, panel=PANEL, autoencoder={"kind": "pixel", "factor": AE}, plan=pipe.plan)
+    loaded = load_pico(d, batch_size=2)
+    assert loaded.plan == pipe.plan and loaded.layout == pipe.layout
+    a, a_out, q = _images(3, seed=9)
+    want = pipe(a, a_out, [q])[0]
+    got = loaded(a, a_out, [q])[0]
+    np.testing.assert_array_equal(got.image, want.image)
+    assert got.scores == want.scores and got.chosen_seed == want.chosen_seed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def _write_meta(d, **changes):
+    meta = json.loads((d / "pico.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            meta.pop(k)
+        else:
+            meta[k] = v
+    (d / "pico.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(format="diffusers"), "'format' must be"),
+    (dict(panel=None), r"missing key\(s\) \['panel'\]"),
+    (dict(autoencoder=None), r"missing key\(s\) \['autoencoder'\]"),
+    (dict(panel="big"), "invalid pico.json"),
+    (dict(autoencoder={"kind": "magic"}), "autoencoder.kind"),
+    (dict(autoencoder={"kind": "pixel"}), "inconsistent checkpoint"),
+    (dict(autoencoder={"kind": "pixel", "factor": 4}), "input channels"),
+    (dict(text={"kind": "prompt"}), "text.kind"),
+    (dict(sampling={"steps": 4, "sede": 3}), "invalid pico.json"),
+    (dict(sampling={"seeds": 2, "keep": 3}), "cannot keep 3 of 2"),
+    (dict(sampling={"scorer": {"layers": [0, 7]}}), r"scorer layers \[7\] out of range"),
+    (dict(dtype="float99"), "invalid pico.json"),
+])
+def test_bad_pico_json_errors(tmp_path, model, change, match):
+    d = save_pico(tmp_path / "ck", model, panel=PANEL, autoencoder={"kind": "pixel", "factor": AE})
+    _write_meta(d, **change)
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_pico(d)
+    assert "pico.json" in str(e.value)
+
+
+def test_not_a_pico_checkpoint(tmp_path, model):
+    with pytest.raises(CheckpointError, match="not a pico checkpoint"):
+        load_pico(tmp_path)
+    (tmp_path / "pico.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_pico(tmp_path)
+    (tmp_path / "pico.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="'format' must be"):
+        load_pico(tmp_path)
+    d = save_pico(tmp_path / "ck", model, panel=PANEL, autoencoder={"kind": "pixel", "factor": AE})
+    shutil.rmtree(d / "transformer")
+    with pytest.raises(CheckpointError, match="transformer"):
+        load_pico(d)
