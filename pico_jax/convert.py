@@ -319,7 +319,8 @@ def export_state(model: FluxTransformer, table: dict[str, Source]) -> dict[str, 
     """
     cfg = model.config
     out: dict[str, np.ndarray] = {}
-    for key_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # LoRA factors are exported by pico_jax.model.lora
+    for key_path, var in nnx.to_flat_state(nnx.state(model, base)):
         name = ".".join(str(p) for p in key_path)
         src = table[name]
         value = np.asarray(var.get_value())

@@ -155,8 +155,9 @@ def trainable_filter(cfg: TrainConfig):
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
+    # Start warmup above zero: optax counts updates from 0, and lr(0) = 0 would waste the first step.
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, cfg.warmup_steps, cfg.warmup_steps + decay_steps, end_value=cfg.lr * cfg.min_lr_ratio
+        cfg.lr / max(cfg.warmup_steps, 1), cfg.lr, cfg.warmup_steps, cfg.warmup_steps + decay_steps, end_value=cfg.lr * cfg.min_lr_ratio
     )
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
@@ -306,11 +307,19 @@ class Trainer:
         self.trainable = shard_state(trainable, self.mesh)
         self.frozen = shard_state(frozen, self.mesh)
         self.tx, self.schedule = make_optimizer(cfg)
-        self.opt_state = jax.jit(self.tx.init)(self.trainable)
+        self.opt_state = self._on_mesh(jax.jit(self.tx.init)(self.trainable))
         self.ema = jax.tree.map(jnp.copy, self.trainable) if cfg.ema_decay > 0 else None
         step_fn = make_train_step(self.graphdef, self.ae, self.text, self.layout, cfg, self.tx, self.schedule)
         self.step_fn = jax.jit(step_fn, donate_argnums=(0, 2, 3))
         self.step = 0
+
+    def _on_mesh(self, tree):
+        """Leaves not spread over the mesh (scalars like Adam's count) → replicated on it, so every
+        argument of the jitted step lives on the same devices."""
+        from pico_jax.parallel import replicated
+
+        n = self.mesh.devices.size
+        return jax.tree.map(lambda x: x if len(x.sharding.device_set) == n else jax.device_put(x, replicated(self.mesh)), tree)
 
     # --- checkpoints ---------------------------------------------------------------------
     def _manager(self):
@@ -353,7 +362,7 @@ class Trainer:
         restored = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                 data=ocp.args.JsonRestore()))
         st = restored["state"]
-        self.trainable, self.opt_state, self.step = st["trainable"], st["opt_state"], int(st["step"])
+        self.trainable, self.opt_state, self.step = st["trainable"], self._on_mesh(st["opt_state"]), int(st["step"])
         self.ema = st.get("ema")
         state_from_bytes(iterator, restored["data"]["iterator"].encode())
         return True
