@@ -4,6 +4,8 @@
 
 * ``<out>/examples/<family>.png``: A | A_out | B | B_out strips for two families per category
   (query triple A, A_out, B and the target B_out), panels upscaled 2x with pixel repetition.
+* ``<out>/examples/<family>/{A,A_out,B,B_out}.png``: separate panels at ``--triple-size`` (the
+  bundled model's panel size) from an evaluation seed, for `python infer.py --exemplar ... --query ...`.
 * ``<out>/relations_sheet.png``: one episode per family, grouped by category, with the family
   name, category, output kind and split.
 """
@@ -19,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pico_jax.data.relations import CATEGORIES, FAMILIES, SPLITS, sample_episode  # noqa: E402
+from pico_jax.data.relations import CATEGORIES, FAMILIES, SPLITS, eval_seed, sample_episode  # noqa: E402
 
 EXAMPLE_FAMILIES = ("denoise", "inpaint_hole", "depth_layers", "surface_normals",
                     "segment_shape", "count_dots", "recolor", "add_object")
@@ -108,6 +110,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--triple-size", type=int, default=32)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets"))
     args = ap.parse_args(argv)
     ex_dir = os.path.join(args.out, "examples")
@@ -115,6 +118,10 @@ def main(argv=None) -> None:
     for name in EXAMPLE_FAMILIES:
         ep = sample_episode(name, args.seed, args.size)
         Image.fromarray(strip(ep)).save(os.path.join(ex_dir, f"{name}.png"))
+        triple = sample_episode(name, eval_seed(args.seed), args.triple_size)
+        os.makedirs(os.path.join(ex_dir, name), exist_ok=True)
+        for key, panel in zip(("A", "A_out", "B", "B_out"), triple.panels()):
+            Image.fromarray(_u8(panel)).save(os.path.join(ex_dir, name, f"{key}.png"))
     contact_sheet(args.size, args.seed).save(os.path.join(args.out, "relations_sheet.png"))
     print(f"wrote {len(EXAMPLE_FAMILIES)} examples to {ex_dir} and {os.path.join(args.out, 'relations_sheet.png')}")
 

@@ -1,0 +1,140 @@
+"""Forward pass of a reduced FLUX: our jitted JAX vs diffusers' PyTorch FluxTransformer2DModel on
+identical weights and inputs, in the same process, plus the fraction of this machine's measured
+matmul rate that our forward reaches.
+
+    python benchmarks/bench_forward.py [--double 2 --single 4 --width 512 --tokens 32 --text 32 --repeat 5]
+
+Default (the issue's setting): 2 double + 4 single blocks, width 512 (8 heads x 64), a 2x2 canvas of
+32x32 tokens (1024 image tokens) + 32 text tokens, batch 1, fp32. Runs are interleaved (ours,
+theirs, ours, ...) so background load affects both alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def forward_flops(width: int, n_double: int, n_single: int, n_img: int, n_txt: int, in_ch: int, ctx: int, out_ch: int,
+                  mlp_ratio: float = 4.0) -> float:
+    """Matmul FLOPs of one FLUX forward (batch 1): linear layers 2·in·out per token, attention 4·N²·D."""
+    D, M, N = width, int(width * mlp_ratio), n_img + n_txt
+    per_token_block = 2 * (3 * D * D + D * D + 2 * D * M)  # qkv, proj, mlp (double) == linear1+linear2 (single)
+    attention = 4 * N * N * D
+    blocks = (n_double + n_single) * (per_token_block * N + attention)
+    io = 2 * (n_img * in_ch * D + n_txt * ctx * D + n_img * D * out_ch)
+    return float(blocks + io)
+
+
+def matmul_rate(n: int = 2048, repeat: int = 5) -> tuple[float, float]:
+    """Peak fp32 matmul FLOP/s of this machine as JAX (XLA:CPU) and torch achieve it."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    tj = min(_time(lambda: f(a).block_until_ready()) for _ in range(repeat))
+    ta = torch.ones(n, n)
+    torch.mm(ta, ta)
+    tt = min(_time(lambda: torch.mm(ta, ta)) for _ in range(repeat))
+    flops = 2 * n**3
+    return flops / tj, flops / tt
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--double", type=int, default=2)
+    ap.add_argument("--single", type=int, default=4)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=32, help="canvas side in tokens (image tokens = tokens^2)")
+    ap.add_argument("--text", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from pico_jax import load_flux_transformer
+    from pico_jax.model.flux import jit_forward
+
+    heads = args.width // args.head_dim
+    rope = (args.head_dim - 2 * (args.head_dim * 7 // 16), args.head_dim * 7 // 16, args.head_dim * 7 // 16)
+    torch.manual_seed(0)
+    tm = FluxTransformer2DModel(num_layers=args.double, num_single_layers=args.single, attention_head_dim=args.head_dim,
+                                num_attention_heads=heads, joint_attention_dim=4096, pooled_projection_dim=768,
+                                in_channels=64, guidance_embeds=True, axes_dims_rope=rope).eval()
+    with tempfile.TemporaryDirectory() as d:
+        tm.save_pretrained(d)
+        ours = jit_forward(load_flux_transformer(d, dtype=jnp.float32))
+
+    n_img, n_txt = args.tokens**2, args.text
+    g = np.random.default_rng(0)
+    ids = np.stack(np.meshgrid(np.arange(args.tokens), np.arange(args.tokens), indexing="ij"), -1).reshape(-1, 2)
+    inputs = dict(
+        hidden_states=g.standard_normal((1, n_img, 64)).astype(np.float32),
+        encoder_hidden_states=g.standard_normal((1, n_txt, 4096)).astype(np.float32),
+        pooled_projections=g.standard_normal((1, 768)).astype(np.float32),
+        timestep=np.array([0.5], np.float32),
+        img_ids=np.concatenate([np.zeros((n_img, 1)), ids], 1).astype(np.float32),
+        txt_ids=np.zeros((n_txt, 3), np.float32),
+        guidance=np.array([3.5], np.float32),
+    )
+    t_in = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    j_in = {k: jnp.asarray(v) for k, v in inputs.items()}
+
+    def run_ours():
+        return ours(**j_in).block_until_ready()
+
+    def run_theirs():
+        with torch.inference_mode():
+            return tm(**t_in, return_dict=False)[0]
+
+    t0 = time.perf_counter()
+    out_j = np.asarray(run_ours())
+    compile_s = time.perf_counter() - t0
+    out_t = run_theirs().numpy()
+    err = float(np.abs(out_j - out_t).max() / np.abs(out_t).max())
+    tj, tt = [], []
+    for _ in range(args.repeat):
+        tj.append(_time(run_ours))
+        tt.append(_time(run_theirs))
+    mj, mt = statistics.median(tj), statistics.median(tt)
+    flops = forward_flops(args.width, args.double, args.single, n_img, n_txt, 64, 4096, 64)
+    rate_jax, rate_torch = matmul_rate()
+    peak = max(rate_jax, rate_torch)
+
+    print(f"device: {jax.devices()[0].platform}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+          f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"model: {args.double} double + {args.single} single blocks, width {args.width} ({heads}x{args.head_dim}), "
+          f"{n_img} image + {n_txt} text tokens, batch 1, fp32; {flops / 1e9:.1f} GFLOP per forward")
+    print(f"max rel. difference ours vs diffusers: {err:.2e}; our compile+first call {compile_s:.1f} s")
+    print(f"  ours (jax.jit)      {mj * 1e3:8.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in tj)})")
+    print(f"  diffusers (torch)   {mt * 1e3:8.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in tt)})")
+    print(f"  speed-up ours/diffusers = {mt / mj:.2f}x")
+    print(f"matmul rate (2048^2 fp32): jax {rate_jax / 1e9:.1f} GFLOP/s, torch {rate_torch / 1e9:.1f} GFLOP/s")
+    print(f"  ours reaches {flops / mj / 1e9:.1f} GFLOP/s = {flops / mj / peak:.0%} of the machine's measured matmul rate; "
+          f"diffusers {flops / mt / 1e9:.1f} GFLOP/s = {flops / mt / peak:.0%}")
+
+
+if __name__ == "__main__":
+    main()
