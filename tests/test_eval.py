@@ -1,0 +1,238 @@
+"""The evaluation harness (pico_jax.eval): metric definitions on hand-made cases, the oracle
+threshold, bootstrap and win rates, and evaluate() / the CLI end to end on a random tiny pico
+checkpoint (2 families: one mask, one image; 2 episodes; 2 seeds)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from pico_jax import eval as ev
+from pico_jax.checkpoints import load_pico, save_pico
+from pico_jax.data.relations import EVAL_SEED_START, eval_seed, mask_from_output, render_mask, sample_episode
+from pico_jax.model.flux import FluxConfig, FluxTransformer
+
+PANEL, AE = 16, 2
+CFG = FluxConfig(num_double=1, num_single=1, num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), in_channels=112,
+                 out_channels=48, context_dim=16, pooled_dim=16, guidance_embeds=False)
+FAMS = {"segment_color": "mask", "denoise": "image"}
+EPISODES, SEEDS = 2, 2
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_iou_on_known_masks():
+    p = np.zeros((4, 4), bool)
+    t = np.zeros((4, 4), bool)
+    p[:2, :2] = True  # 4 px
+    t[:2, 1:3] = True  # 4 px, 2 shared
+    assert ev.iou(p, t) == pytest.approx(2 / 6)
+    assert ev.iou(p, p) == 1.0
+    assert ev.iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0  # both empty: defined as 1
+    assert ev.iou(np.zeros((4, 4), bool), t) == 0.0
+    # Through rendered mask outputs of different colours (max channel > 0.5).
+    m = ev.metrics_for("mask", render_mask(p, "red"), render_mask(t, "cyan"))
+    assert m == {"iou": pytest.approx(2 / 6), "score": pytest.approx(2 / 6)}
+
+
+def test_psnr_l1_ssim_on_known_errors():
+    rng = np.random.default_rng(0)
+    truth = np.full((8, 8, 3), 0.5, np.float32)
+    pred = truth + 0.1  # MSE 0.01 -> 20 dB
+    assert ev.psnr(pred, truth) == pytest.approx(20.0, abs=1e-5)
+    assert ev.l1(pred, truth) == pytest.approx(0.1, abs=1e-6)
+    assert ev.psnr(truth, truth) == ev.PSNR_CAP
+    # Both images are clipped to [0, 1] first.
+    assert ev.psnr(np.full((4, 4, 3), 1.5), np.ones((4, 4, 3))) == ev.PSNR_CAP
+    img = rng.random((20, 20, 3))
+    assert ev.ssim(img, img) == pytest.approx(1.0)
+    noisy = np.clip(img + rng.normal(0, 0.2, img.shape), 0, 1)
+    s = ev.ssim(noisy, img)
+    assert 0.0 < s < 0.95
+    # On interior pixels the SSIM map equals scikit-image's Gaussian SSIM (which crops borders).
+    from skimage.metrics import structural_similarity
+
+    ref = structural_similarity(noisy, img, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False)
+    assert ev.ssim_map(noisy, img)[5:-5, 5:-5].mean() == pytest.approx(ref, abs=1e-6)
+    m = ev.metrics_for("image", pred, truth)
+    assert set(m) == {"psnr", "ssim", "l1", "score"} and m["score"] == m["psnr"]
+
+
+def test_threshold_oracle_is_the_best_global_threshold():
+    rng = np.random.default_rng(1)
+    img = rng.random((12, 12, 3)).astype(np.float32)
+    lum = ev.luminance(img)
+    bright = lum > 0.6
+    mask, thr, pol, score = ev.threshold_oracle(img, bright)
+    assert score == 1.0 and pol == "above" and np.array_equal(mask, bright) and np.array_equal(lum > thr, bright)
+    dark = lum < 0.3
+    mask, thr, pol, score = ev.threshold_oracle(img, dark)
+    assert score == 1.0 and pol == "below" and np.array_equal(lum < thr, dark)
+    # An arbitrary truth: equals brute force over every threshold and both polarities.
+    truth = rng.random((12, 12)) > 0.7
+    mask, thr, pol, score = ev.threshold_oracle(img, truth)
+    cuts = np.concatenate([[-1.0, 2.0], np.unique(lum)])
+    brute = max(max(ev.iou(lum >= c, truth), ev.iou(lum <= c, truth)) for c in cuts)
+    assert score == pytest.approx(brute) and ev.iou(mask, truth) == pytest.approx(score)
+    # Empty truth: the empty mask (IoU 1).
+    assert ev.threshold_oracle(img, np.zeros((12, 12), bool))[3] == 1.0
+
+
+def test_bootstrap_and_win_rate():
+    c = ev.bootstrap_mean_ci([[0.3, 0.3, 0.3], [0.3]], n_boot=500)
+    assert c["mean"] == pytest.approx(0.3) and c["ci_low"] <= c["mean"] <= c["ci_high"]
+    assert c["ci_high"] - c["ci_low"] < 1e-12
+    rng = np.random.default_rng(2)
+    g = [rng.normal(1.0, 1.0, 50), rng.normal(-1.0, 1.0, 30)]
+    c = ev.bootstrap_mean_ci(g, n_boot=2000, seed=3)
+    assert c == ev.bootstrap_mean_ci(g, n_boot=2000, seed=3)  # fixed RNG
+    se = np.concatenate(g).std() / np.sqrt(80)
+    assert c["ci_low"] < c["mean"] < c["ci_high"] and 1.5 * se < c["ci_high"] - c["ci_low"] < 6 * se
+    w = ev.win_rate([1.0, 2.0, 3.0], [0.0, 2.0, 4.0])
+    assert (w["wins"], w["ties"], w["losses"], w["win_rate"]) == (1, 1, 1, 0.5)
+    # The random-seed baseline's index: fixed per (family, episode), uniform over the candidates.
+    assert ev._random_index("denoise", 5, 8, 0) == ev._random_index("denoise", 5, 8, 0)
+    counts = np.bincount([ev._random_index("denoise", i, 4, 0) for i in range(4000)], minlength=4)
+    assert np.all(np.abs(counts - 1000) < 120)
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = FluxTransformer(CFG, rngs=nnx.Rngs(0))
+    return save_pico(tmp_path_factory.mktemp("eval") / "ck", model, panel=PANEL,
+                     autoencoder={"kind": "pixel", "factor": AE})
+
+
+@pytest.fixture(scope="module")
+def evaluated(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_out")
+    pipe = load_pico(checkpoint, batch_size=2)
+    res = ev.evaluate(pipe, list(FAMS), EPISODES, SEEDS, steps=2, score_steps=1, out_dir=out, n_boot=1000,
+                      sheet_episodes=2, progress=False)
+    return res, out
+
+
+def test_results_json_has_every_method_and_metric(evaluated):
+    res, out = evaluated
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == res
+    st = res["settings"]
+    assert st["episodes"] == EPISODES and st["seeds"] == SEEDS and st["episode_size"] == PANEL
+    assert st["plan_early"]["selection"] == "early" and st["plan_early"]["keep"] == 1
+    assert st["plan_full"]["selection"] == "full" and st["plan_full"]["keep"] == SEEDS
+    assert st["plan_full"]["steps"] == 2 and st["plan_early"]["scorer"]["steps"] == 1
+    assert st["split"] == "train"
+    for fam, kind in FAMS.items():
+        f = res["families"][fam]
+        assert f["kind"] == kind and len(f["episodes"]) == EPISODES
+        methods = set(ev.METHODS) if kind == "mask" else set(ev.METHODS) - {"threshold_B"}
+        metrics = {"iou", "score"} if kind == "mask" else {"psnr", "ssim", "l1", "score"}
+        for e in f["episodes"]:
+            assert e["seed"] >= EVAL_SEED_START  # evaluation seeds only
+            assert set(e["metrics"]) == methods
+            for m in methods:
+                assert set(e["metrics"][m]) == metrics
+                assert all(isinstance(v, float) for v in e["metrics"][m].values())
+            assert len(e["candidates"]) == SEEDS and e["seeds"] == [0, 1]
+        s = res["summary"]["families"][fam]
+        assert set(s["score"]) == methods and s["best_baseline"]["method"] in ev.BASELINES
+    assert set(res["summary"]["groups"]) == {"overall/mask", "overall/image", "semantic/mask", "restoration/image"}
+
+
+def test_baselines_equal_direct_computation(evaluated):
+    res, _ = evaluated
+    for fam, kind in FAMS.items():
+        for i, e in enumerate(res["families"][fam]["episodes"]):
+            ep = sample_episode(fam, eval_seed(i), PANEL)
+            assert e["seed"] == eval_seed(i)
+            assert e["metrics"]["copy_B"] == ev.metrics_for(kind, ep.B, ep.B_out)
+            assert e["metrics"]["analogy"] == ev.metrics_for(kind, np.clip(ep.B + (ep.A_out - ep.A), 0, 1), ep.B_out)
+            if kind == "mask":
+                truth = mask_from_output(ep.B_out)
+                assert e["metrics"]["copy_B"]["iou"] == ev.iou(mask_from_output(ep.B), truth)
+                assert e["metrics"]["threshold_B"]["iou"] == ev.threshold_oracle(ep.B, truth)[3]
+            else:
+                assert e["metrics"]["copy_B"]["psnr"] == ev.psnr(ep.B, ep.B_out)
+
+
+def test_selection_methods_are_consistent_with_the_candidates(evaluated):
+    res, _ = evaluated
+    # The early run's chosen seed finishes on the same trajectory as in the full run.
+    assert res["settings"]["early_vs_full_same_seed_max_abs_diff"] < 1e-4
+    for fam in FAMS:
+        for e in res["families"][fam]["episodes"]:
+            cand = {c["seed"]: c for c in e["candidates"]}
+            scores = [c["metrics"]["score"] for c in e["candidates"]]
+            ch = e["chosen"]
+            assert e["metrics"]["oracle"]["score"] >= max(scores) - 1e-12  # the oracle is >= every candidate
+            assert e["metrics"]["oracle"] == cand[ch["oracle"]]["metrics"]
+            assert e["metrics"]["random_seed"] == cand[ch["random_seed"]]["metrics"]
+            assert e["metrics"]["ours_full"] == cand[ch["ours_full"]]["metrics"]
+            assert ch["ours_full"] == e["seeds"][int(np.argmax(e["scores_full"]))]
+            assert ch["ours_early"] == e["seeds"][int(np.argmax(e["scores_early"]))]
+            for k, v in e["metrics"]["ours_early"].items():
+                assert v == pytest.approx(cand[ch["ours_early"]]["metrics"][k], abs=1e-3)
+            assert [c["score"] for c in e["candidates"]] == e["scores_full"]
+
+
+def test_summary_statistics(evaluated):
+    res, _ = evaluated
+    summ = res["summary"]
+    cis = [p["early_minus_random"] for p in summ["families"].values()]
+    cis += [g[k] for g in summ["groups"].values() for k in ("early_minus_random", "early_minus_full", "full_minus_random")]
+    for c in cis:
+        assert c["ci_low"] <= c["mean"] <= c["ci_high"]
+    for fam in FAMS:
+        eps = res["families"][fam]["episodes"]
+        p = summ["families"][fam]
+        for m, v in p["score"].items():
+            assert v == pytest.approx(np.mean([e["metrics"][m]["score"] for e in eps]))
+        d = [e["metrics"]["ours_early"]["score"] - e["metrics"]["random_seed"]["score"] for e in eps]
+        assert p["early_minus_random"]["mean"] == pytest.approx(np.mean(d))
+        assert 0 <= p["win_rates"]["early_vs_random"]["win_rate"] <= 1
+        base = {m: p["score"][m] for m in ev.BASELINES if m in p["score"]}
+        assert p["best_baseline"]["score"] == max(base.values())
+    b = summ["beats_best_baseline"]["ours_early"]
+    assert b["of"] == 2 and 0 <= b["count"] <= 2
+
+
+def test_markdown_and_sheet(evaluated):
+    res, out = evaluated
+    md = (out / "results.md").read_text()
+    for s in ("segment_color", "denoise", "| family |", "ours_early", "threshold_B", "best baseline",
+              "beats the best no-learning baseline on", "early − random", "early − full", "**semantic**"):
+        assert s in md, s
+    sheet = np.asarray(Image.open(out / "sheet_train.png"))
+    rows = 2 * len(FAMS)
+    cell = PANEL * 6  # 16-px panels upscaled to >= 96 px
+    assert sheet.shape == (20 + rows * (cell + 4) + 4, 170 + 5 * (cell + 4) + 4, 3)
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temp files left
+
+
+def test_cli_end_to_end(checkpoint, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "pico_jax.eval", "--checkpoint", str(checkpoint), "--families",
+           ",".join(FAMS), "--episodes", "1", "--seeds", "2", "--steps", "2", "--out", str(out),
+           "--no-progress", "--bootstrap", "200"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["checkpoint"] == str(checkpoint) and res["settings"]["plan_full"]["steps"] == 2
+    assert all(len(f["episodes"]) == 1 for f in res["families"].values())
+    assert (out / "results.md").exists() and (out / "sheet_train.png").exists()
+
+
+def test_cli_errors(checkpoint, tmp_path, capsys):
+    assert ev.main(["--families", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown families" in capsys.readouterr().err
+    assert ev.main(["--checkpoint", str(checkpoint), "--families", "denoise", "--steps", "2", "--score-steps", "3",
+                    "--out", str(tmp_path)]) == 2
+    assert "score-steps" in capsys.readouterr().err
+    assert ev.main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert ev.main(["--episodes", "0", "--out", str(tmp_path)]) == 2
