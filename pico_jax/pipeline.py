@@ -234,6 +234,7 @@ class Result:
     seeds: list[int]
     scores: list[float]  # per seed (zeros for selection="random")
     candidates: list[np.ndarray] = dataclasses.field(default_factory=list)  # kept B' panels, best first
+    candidate_seeds: list[int] = dataclasses.field(default_factory=list)  # the seed of each candidate
 
 
 class Pipeline:
@@ -346,4 +347,5 @@ class Pipeline:
             seeds=[int(s) for s in seeds],
             scores=[float(s) for s in scores],
             candidates=panels,
+            candidate_seeds=[int(seeds[int(c)]) for c in chosen],
         )

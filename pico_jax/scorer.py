@@ -42,8 +42,9 @@ class ScorerConfig:
 
     layers: attention layers captured (double blocks first, then single; negative counts from
       the end); None = every layer.
-    steps: the number k of early denoising steps scored (and, with early selection, the steps
-      every seed runs before the choice).
+    steps: with early selection, the number k of early denoising steps every seed runs and that
+      are scored before the choice. Selection "full" scores every step of the full run instead
+      (the full-run score), so the two modes may choose different seeds.
     weights: a preset name from PRESETS or a tuple of 5 per-group weights.
     """
 
