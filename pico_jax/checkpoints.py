@@ -168,3 +168,97 @@ def save_pico(
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def pico_from_flux(
+    flux_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    panel: int = 512,
+    prompt: str = "",
+    cache_dir: str | os.PathLike | None = None,
+    text: str = "encode",
+    text_length: int = 512,
+    plan=None,
+    dtype: str = "bfloat16",
+) -> Path:
+    """A pico checkpoint over a diffusers FLUX(.1-Fill) pipeline directory, without copying it.
+
+    pico.json points at FLUX_DIR/transformer and FLUX_DIR/vae by absolute path. With
+    text="encode" the prompt is embedded once with FLUX_DIR/text_encoder_2 (T5) and
+    FLUX_DIR/text_encoder (CLIP) through the prompt cache and stored as text.safetensors; with
+    text="zeros" an all-zero prompt of `text_length` tokens is used (no text encoders needed).
+    """
+    from pico_jax.pipeline import SamplingPlan
+
+    src = Path(flux_dir).absolute()
+    for sub in ("transformer", "vae"):
+        if not (src / sub / "config.json").exists():
+            raise CheckpointError(f"{src}: not a diffusers FLUX pipeline directory (no {sub}/config.json)")
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        if text == "encode":
+            from pico_jax.model.text import PromptCache, TextEncoderLoader, cached_encode
+
+            loader = TextEncoderLoader(src / "text_encoder_2", src / "text_encoder")
+            emb = cached_encode([prompt], loader, PromptCache(cache_dir or (src / ".pico_prompt_cache")))
+            save_safetensors_atomic({"prompt_embeds": np.asarray(emb.prompt_embeds, np.float32),
+                                     "pooled_prompt_embeds": np.asarray(emb.pooled_prompt_embeds, np.float32)},
+                                    tmp / "text.safetensors", metadata={"prompt": prompt})
+            text_spec = {"kind": "file", "path": "text.safetensors", "prompt": prompt}
+        elif text == "zeros":
+            text_spec = {"kind": "zeros", "length": text_length}
+        else:
+            raise ValueError(f"text must be 'encode' or 'zeros' (got {text!r})")
+        guidance = 30.0 if json.loads((src / "transformer" / "config.json").read_text()).get("guidance_embeds") else None
+        plan = plan or SamplingPlan(steps=28, guidance=guidance)
+        meta = {"format": FORMAT, "version": 1, "panel": panel, "policy": "pad", "dtype": dtype,
+                "transformer": str(src / "transformer"), "autoencoder": {"kind": "diffusers", "path": str(src / "vae")},
+                "text": text_spec, "sampling": plan_to_json(plan), "source": str(src)}
+        (tmp / "pico.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m pico_jax.checkpoints",
+        description="Make a pico checkpoint (what infer.py --checkpoint loads) over a diffusers FLUX.1-Fill-dev "
+                    "pipeline directory: the prompt is embedded once with its T5/CLIP, the weights are referenced, not copied.",
+        epilog="example: python -m pico_jax.checkpoints from-flux /models/FLUX.1-Fill-dev pico-flux --panel 512\n"
+               "         python infer.py --checkpoint pico-flux --exemplar a.png a_out.png --query b.png --out out/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("from-flux", help="wrap a diffusers FLUX(-Fill) pipeline directory")
+    f.add_argument("flux_dir")
+    f.add_argument("out_dir")
+    f.add_argument("--panel", type=int, default=512, help="panel size in pixels (canvas = 2x panel; default 512)")
+    f.add_argument("--prompt", default="", help="the text prompt (PICO uses an empty prompt or a short task label)")
+    f.add_argument("--cache-dir", help="prompt-embedding cache directory")
+    f.add_argument("--no-text-encoders", action="store_true", help="use an all-zero prompt instead of running T5/CLIP")
+    args = p.parse_args(argv)
+    try:
+        out = pico_from_flux(args.flux_dir, args.out_dir, panel=args.panel, prompt=args.prompt, cache_dir=args.cache_dir,
+                             text="zeros" if args.no_text_encoders else "encode")
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}/pico.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
