@@ -12,6 +12,7 @@ pipeline directory, text embedded once with `pico_jax.model.text` and stored as 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -80,6 +81,23 @@ def _text(spec: dict, root: Path, cfg):
     raise CheckpointError(f"{root}/pico.json: text.kind must be 'zeros' or 'file' (got {kind!r})")
 
 
+@contextlib.contextmanager
+def _atomic_dir(out: Path):
+    """Yield a temporary sibling directory; on success it replaces `out` whole, on error it vanishes."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_size: int = 4, **plan_overrides):
     """Load a pico checkpoint directory into a Pipeline (None: the bundled pico-tiny)."""
     from pico_jax.convert import load_flux_transformer
@@ -140,11 +158,8 @@ def save_pico(
     from pico_jax.convert import flux_state_to_diffusers
 
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        (tmp / "transformer").mkdir(parents=True)
+    with _atomic_dir(out) as tmp:
+        (tmp / "transformer").mkdir()
         state = flux_state_to_diffusers(transformer)
         save_safetensors_atomic({k: np.asarray(v, np.float32) for k, v in state.items()},
                                 tmp / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -161,12 +176,6 @@ def save_pico(
             "sampling": plan_to_json(plan) if plan is not None else {},
         } | (extra or {})
         (tmp / "pico.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
@@ -196,11 +205,7 @@ def pico_from_flux(
         if not (src / sub / "config.json").exists():
             raise CheckpointError(f"{src}: not a diffusers FLUX pipeline directory (no {sub}/config.json)")
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with _atomic_dir(out) as tmp:
         if text == "encode":
             from pico_jax.model.text import PromptCache, TextEncoderLoader, cached_encode
 
@@ -220,12 +225,6 @@ def pico_from_flux(
                 "transformer": str(src / "transformer"), "autoencoder": {"kind": "diffusers", "path": str(src / "vae")},
                 "text": text_spec, "sampling": plan_to_json(plan), "source": str(src)}
         (tmp / "pico.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
