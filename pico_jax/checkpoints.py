@@ -54,11 +54,11 @@ def _plan_from_json(d: dict):
 
 
 def plan_to_json(plan) -> dict:
-    d = dataclasses.asdict(plan)
-    return d
+    return dataclasses.asdict(plan)
 
 
-def _autoencoder(spec: dict, root: Path, dtype):
+def build_autoencoder(spec: dict, root: Path, dtype):
+    """The autoencoder a pico.json / TrainConfig `autoencoder` spec describes (paths relative to root)."""
     from pico_jax.model.autoencoder import PixelAutoencoder, load_autoencoder
 
     kind = spec.get("kind")
@@ -133,7 +133,7 @@ def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_si
     plan = dataclasses.replace(plan, **plan_overrides).validate()  # a bad override: ValueError, as before
     transformer = load_flux_transformer(root / meta.get("transformer", "transformer"), dtype=dtype)
     try:
-        ae = _autoencoder(meta["autoencoder"], root, dtype)
+        ae = build_autoencoder(meta["autoencoder"], root, dtype)
         text = _text(meta.get("text", {"kind": "zeros"}), root, transformer.config)
         return Pipeline(transformer, ae, text, panel=panel, policy=meta.get("policy", "pad"),
                         plan=plan, batch_size=batch_size)

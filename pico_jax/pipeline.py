@@ -98,6 +98,12 @@ def fill_condition(autoencoder, canvas: jax.Array, layout: CanvasLayout) -> tupl
     return jnp.concatenate([known, mask_tokens.astype(known.dtype)], -1), known
 
 
+def fill_in_channels(autoencoder) -> int:
+    """Transformer input width for Fill-style conditioning with this autoencoder:
+    packed noisy latents (4C) + packed masked-canvas latents (4C) + packed mask (4f²); 384 for FLUX."""
+    return 2 * 4 * autoencoder.latent_channels + 4 * autoencoder.downsample_factor**2
+
+
 class TextConditioning(NamedTuple):
     """Precomputed text embeddings (one prompt, broadcast over the batch)."""
 
@@ -182,9 +188,8 @@ def sample(
 
         return v
 
-    def run(eps, start, stop, capture, x=None):
-        x = jnp.broadcast_to(eps, (b, n, c_lat)) if x is None else x
-        return euler_sample(velocity(eps, capture), x, times, start, stop)
+    def run(eps, start, stop, capture):
+        return euler_sample(velocity(eps, capture), jnp.broadcast_to(eps, (b, n, c_lat)), times, start, stop)
 
     def with_known(x):
         # The last Euler step moves every token with the model's velocity; at t = 0 the known
@@ -256,7 +261,7 @@ class Pipeline:
     ):
         self.transformer, self.autoencoder, self.text = transformer, autoencoder, text
         self.layout = CanvasLayout(panel, autoencoder.downsample_factor)
-        expected = 2 * 4 * autoencoder.latent_channels + 4 * autoencoder.downsample_factor**2
+        expected = fill_in_channels(autoencoder)
         if transformer.config.in_channels != expected:
             raise ValueError(
                 f"the transformer takes {transformer.config.in_channels} input channels, but Fill-style conditioning with "

@@ -28,7 +28,14 @@ from flax import nnx
 from pico_jax import grid
 from pico_jax.flow import flow_loss, flux_mu, interpolate, sample_timesteps
 from pico_jax.model.flux import FluxConfig, FluxTransformer
-from pico_jax.pipeline import CanvasLayout, SamplingPlan, TextConditioning, encode_tokens, fill_condition
+from pico_jax.pipeline import (
+    CanvasLayout,
+    SamplingPlan,
+    TextConditioning,
+    encode_tokens,
+    fill_condition,
+    fill_in_channels,
+)
 
 
 # --------------------------------------------------------------------------------- config
@@ -114,12 +121,6 @@ def _parse_like(raw: str, current: Any, key: str):
 
 
 # ------------------------------------------------------------------------------ building
-def build_autoencoder(spec: dict, dtype):
-    from pico_jax.checkpoints import _autoencoder
-
-    return _autoencoder(spec, Path(spec.get("root", ".")), dtype)
-
-
 def build_text(spec: dict, cfg: FluxConfig) -> TextConditioning:
     if spec.get("kind") == "zeros":
         return TextConditioning.empty(int(spec.get("length", 1)), cfg.context_dim, cfg.pooled_dim)
@@ -221,7 +222,7 @@ def make_train_step(graphdef, ae, text, layout, cfg: TrainConfig, tx, schedule):
 
 # ------------------------------------------------------------------------------ data
 def make_data(cfg: TrainConfig, shard_index=None, shard_count=None):
-    from pico_jax.data.input_pipeline import FunctionSource, episode_to_example, make_dataset
+    from pico_jax.data.input_pipeline import FunctionSource, make_dataset
 
     kind = cfg.data.get("kind")
     per_host = cfg.batch_size // (shard_count or jax.process_count())
@@ -288,12 +289,10 @@ class Trainer:
         if cfg.batch_size % dp:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")
         dtype = getattr(jnp, cfg.dtype)
-        self.ae = build_autoencoder(cfg.autoencoder, dtype)
+        from pico_jax.checkpoints import build_autoencoder
+
+        self.ae = build_autoencoder(cfg.autoencoder, Path(cfg.autoencoder.get("root", ".")), dtype)
         self.layout = CanvasLayout(cfg.panel, self.ae.downsample_factor)
-        expected = 8 * self.ae.latent_channels + 4 * self.ae.downsample_factor**2
-        model_cfg = cfg.model
-        if not cfg.base_checkpoint and model_cfg.in_channels != expected:
-            raise ValueError(f"model.in_channels must be {expected} for this autoencoder (Fill-style conditioning)")
         self._build_state()
 
     def _build_state(self):
@@ -301,6 +300,10 @@ class Trainer:
 
         cfg = self.cfg
         model = build_model(cfg, place=param_placer(self.mesh))
+        expected = fill_in_channels(self.ae)
+        if model.config.in_channels != expected:  # checked for loaded bases too, before any tracing
+            raise ValueError(f"the transformer takes {model.config.in_channels} input channels; Fill-style conditioning "
+                             f"with this autoencoder needs {expected} (set model.in_channels or the autoencoder)")
         self.model_config = model.config
         self.text = build_text(cfg.text, model.config)
         self.graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg), ...)

@@ -142,6 +142,10 @@ def test_overrides_and_errors():
         apply_overrides(micro(), {"lr": "fast"})
     with pytest.raises(ValueError, match="divisible by data×fsdp"):
         Trainer(micro(mesh="data=8", batch_size=4), "/tmp/unused", progress=False)
+    wrong = micro(mesh="fsdp=8")
+    wrong.model = dataclasses.replace(wrong.model, in_channels=100)
+    with pytest.raises(ValueError, match="takes 100 input channels.*needs 112"):
+        Trainer(wrong, "/tmp/unused", progress=False)
 
 
 def test_cli_tiny_config_loss_goes_down(tmp_path):
