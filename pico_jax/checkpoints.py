@@ -122,6 +122,9 @@ def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_si
         panel = int(meta["panel"])
         if panel < 1:
             raise ValueError(f"panel must be positive (got {panel})")
+        query_hint = meta.get("query_hint", False)
+        if not isinstance(query_hint, bool):
+            raise TypeError(f"query_hint must be true or false (got {query_hint!r})")
         if not isinstance(meta["autoencoder"], dict):
             raise TypeError("autoencoder must be an object")
         dtype = dtype or getattr(jnp, str(meta.get("dtype", "float32")))
@@ -136,7 +139,7 @@ def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_si
         ae = build_autoencoder(meta["autoencoder"], root, dtype)
         text = _text(meta.get("text", {"kind": "zeros"}), root, transformer.config)
         return Pipeline(transformer, ae, text, panel=panel, policy=meta.get("policy", "pad"),
-                        plan=plan, batch_size=batch_size)
+                        plan=plan, batch_size=batch_size, query_hint=query_hint)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as e:  # e.g. autoencoder without 'factor', channel mismatch
@@ -153,6 +156,7 @@ def save_pico(
     plan=None,
     extra: dict | None = None,
     dtype: str = "float32",
+    query_hint: bool = False,
 ) -> Path:
     """Write a pico checkpoint directory atomically (a temp directory renamed into place)."""
     from pico_jax.convert import flux_state_to_diffusers
@@ -169,6 +173,7 @@ def save_pico(
             "version": 1,
             "panel": panel,
             "policy": "pad",
+            "query_hint": bool(query_hint),
             "dtype": dtype,
             "transformer": "transformer",
             "autoencoder": autoencoder,

@@ -40,10 +40,18 @@ from pico_jax.scorer import ScorerConfig, choose, score_from_group_mass
 # ------------------------------------------------------------------------------ conditioning
 @dataclasses.dataclass(frozen=True)
 class CanvasLayout:
-    """Token geometry of a 2P × 2P canvas for an autoencoder with downsample `ae_factor`."""
+    """Token geometry of a 2P × 2P canvas for an autoencoder with downsample `ae_factor`.
+
+    query_hint: how the Fill condition shows the B' region. False (FLUX.1-Fill's convention, and
+    what a pretrained Fill model expects): blanked. True: a copy of B, so every B' token sees the
+    query pixels at its own position in its condition channels. It adds no information (B is on
+    the canvas either way) but a small model no longer has to learn the B→B' spatial lookup
+    through attention before it can do anything; the model must be trained with the same
+    setting."""
 
     panel: int
     ae_factor: int
+    query_hint: bool = False
 
     @property
     def tokens_hw(self) -> tuple[int, int]:
@@ -88,11 +96,15 @@ def decode_tokens(autoencoder, tokens: jax.Array, layout: CanvasLayout) -> jax.A
 def fill_condition(autoencoder, canvas: jax.Array, layout: CanvasLayout) -> tuple[jax.Array, jax.Array]:
     """FLUX.1-Fill conditioning of canvases (B, 2P, 2P, 3) in [-1, 1].
 
-    Returns (cond, known): cond = [latents of the canvas with B' blanked | packed B' mask]
+    Returns (cond, known): cond = [latents of the canvas with B' blanked (or showing B, with
+    layout.query_hint) | packed B' mask]
     (B, N, 4C + 4f²), and known = those masked-canvas latents (B, N, 4C), the clean latents of
     the known panels (the B' part is unused)."""
     mask = jnp.asarray(grid.bprime_mask(layout.panel))  # (2P, 2P), 1 on B'
     masked = canvas * (1.0 - mask[None, :, :, None])
+    if layout.query_hint:
+        p = layout.panel
+        masked = masked.at[:, p:, p:].set(canvas[:, p:, :p])
     known = encode_tokens(autoencoder, masked)
     mask_tokens = grid.pack_mask(jnp.broadcast_to(mask, canvas.shape[:3]), layout.ae_factor)
     return jnp.concatenate([known, mask_tokens.astype(known.dtype)], -1), known
@@ -258,9 +270,10 @@ class Pipeline:
         policy: str = "pad",
         plan: SamplingPlan = SamplingPlan(),
         batch_size: int = 4,
+        query_hint: bool = False,
     ):
         self.transformer, self.autoencoder, self.text = transformer, autoencoder, text
-        self.layout = CanvasLayout(panel, autoencoder.downsample_factor)
+        self.layout = CanvasLayout(panel, autoencoder.downsample_factor, query_hint)
         expected = fill_in_channels(autoencoder)
         if transformer.config.in_channels != expected:
             raise ValueError(

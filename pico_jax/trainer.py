@@ -48,6 +48,7 @@ class TrainConfig:
     autoencoder: dict = dataclasses.field(default_factory=lambda: {"kind": "pixel", "factor": 2})
     text: dict = dataclasses.field(default_factory=lambda: {"kind": "zeros", "length": 1})
     panel: int = 32
+    query_hint: bool = False  # Fill condition shows B under the B' mask (see CanvasLayout); keep False for FLUX.1-Fill
     dtype: str = "float32"  # compute/param dtype of the base
     # what is trained
     lora_rank: int = 0  # 0: full fine-tuning
@@ -292,7 +293,7 @@ class Trainer:
         from pico_jax.checkpoints import build_autoencoder
 
         self.ae = build_autoencoder(cfg.autoencoder, Path(cfg.autoencoder.get("root", ".")), dtype)
-        self.layout = CanvasLayout(cfg.panel, self.ae.downsample_factor)
+        self.layout = CanvasLayout(cfg.panel, self.ae.downsample_factor, cfg.query_hint)
         self._build_state()
 
     def _build_state(self):
@@ -386,7 +387,7 @@ class Trainer:
             model = merge_lora(model)
         return save_pico(out_dir, model, panel=self.cfg.panel, autoencoder=self.cfg.autoencoder, text=self.cfg.text,
                          plan=plan or SamplingPlan(steps=self.cfg.sample_steps, mu=0.0), extra=extra,
-                         dtype=self.cfg.dtype)
+                         dtype=self.cfg.dtype, query_hint=self.cfg.query_hint)
 
     def save_lora(self, path):
         from pico_jax.model.lora import save_lora_diffusers
@@ -399,7 +400,8 @@ class Trainer:
         from pico_jax.pipeline import Pipeline
 
         pipe = Pipeline(self.model(), self.ae, self.text, self.cfg.panel, plan=SamplingPlan(
-            steps=self.cfg.sample_steps, seeds=1, keep=1, selection="random", mu=0.0), batch_size=n)
+            steps=self.cfg.sample_steps, seeds=1, keep=1, selection="random", mu=0.0), batch_size=n,
+            query_hint=self.cfg.query_hint)
         path.parent.mkdir(parents=True, exist_ok=True)
         a, a2, b, b2 = (np.asarray(batch[k][:n]) * 0.5 + 0.5 for k in ("A", "A_out", "B", "B_out"))
         canvases = [grid.compose(a[i], a2[i], b[i], panel=self.cfg.panel) for i in range(len(a))]

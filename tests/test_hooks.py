@@ -134,3 +134,37 @@ def test_hooks_under_vmap_equal_loop():
 def test_hook_layer_out_of_range():
     with pytest.raises(ValueError, match="hook layer 9 out of range"):
         AttentionHooks.make(GROUPS, 4, 5, capture_layers=[9])
+
+
+# ------------------------------------------------------------------------ kernel choice per backend
+def test_blocked_attention_is_exact_values_and_gradients():
+    from pico_jax.model.attention import blocked_attention
+
+    q, k, v = (jax.random.normal(kk, (2, 300, 3, 16)) for kk in jax.random.split(jax.random.key(7), 3))
+    want = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    got = blocked_attention(q, k, v, block=64)  # 300 = 5 blocks of 64 (padded to 5 × 64 = 320)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+    g_want = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")), (0, 1, 2))(q, k, v)
+    g_got = jax.grad(loss(lambda *a: blocked_attention(*a, block=64)), (0, 1, 2))(q, k, v)
+    for a, b in zip(g_got, g_want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_implementation_per_backend(monkeypatch):
+    from pico_jax.model.attention import attention_implementation as impl
+
+    monkeypatch.delenv("PICO_JAX_ATTENTION", raising=False)
+    assert impl(jnp.bfloat16, 128, 4608, backend="gpu") == "cudnn"
+    assert impl(jnp.float16, 64, 300, backend="gpu") == "cudnn"
+    assert impl(jnp.float32, 128, 4608, backend="gpu") == "xla"  # cuDNN flash attention has no fp32
+    assert impl(jnp.bfloat16, 256, 4608, backend="gpu") == "xla"  # head_dim above cuDNN's limit
+    assert impl(jnp.float32, 64, 1056, backend="cpu") == "blocked"
+    assert impl(jnp.float32, 64, 257, backend="cpu") == "xla"
+    assert impl(jnp.bfloat16, 128, 4608, backend="tpu") == "xla"
+    monkeypatch.setenv("PICO_JAX_ATTENTION", "xla")
+    assert impl(jnp.bfloat16, 128, 4608, backend="gpu") == "xla"
+    monkeypatch.setenv("PICO_JAX_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="PICO_JAX_ATTENTION='flash'"):
+        impl(jnp.float32, 64, 1056, backend="cpu")

@@ -3,6 +3,7 @@ seeds one by one, outputs depend only on (query, seed), early selection finishes
 seeds (same trajectories, fewer model calls), the scorer's definition, known panels held at
 their exact noisy interpolation, Fill conditioning, and the pico checkpoint round trip."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -127,6 +128,22 @@ def test_vmap_over_seeds_equals_seeds_one_by_one(model, conditioned, text, layou
     assert np.all((sc > 0) & (sc < 1)) and np.ptp(sc) > 0
     # The kept order is best first.
     assert np.all(np.diff(np.take_along_axis(sc, np.asarray(together.chosen), 0), axis=0) <= 0)
+
+
+def test_query_hint_shows_b_under_the_bprime_mask_and_changes_nothing_else(ae, layout, canvases):
+    canvases = jnp.asarray(canvases)
+    plain, known_plain = fill_condition(ae, canvases, layout)
+    hinted, _ = fill_condition(ae, canvases, dataclasses.replace(layout, query_hint=True))
+    idx = grid.panel_token_indices(*layout.tokens_hw)
+    c = known_plain.shape[-1]
+    # B' latent channels: blank without the hint, exactly B's latents (same relative position) with it.
+    np.testing.assert_array_equal(plain[:, idx[3], :c], 0.0)
+    np.testing.assert_allclose(hinted[:, idx[3], :c], plain[:, idx[2], :c], rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(hinted[:, idx[2], :c])).max() > 0.1  # B is not blank, so the check above bites
+    # Every other token and the mask channels are unchanged.
+    others = np.concatenate(idx[:3])
+    np.testing.assert_array_equal(hinted[:, others], plain[:, others])
+    np.testing.assert_array_equal(hinted[..., c:], plain[..., c:])
 
 
 def test_seed_noise_depends_only_on_the_seed():
@@ -402,6 +419,15 @@ def test_save_load_pico_round_trip(tmp_path, model, pipe):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
+def test_query_hint_round_trips_and_changes_the_result(tmp_path, model, pipe):
+    d = save_pico(tmp_path / "ck", model, panel=PANEL, autoencoder={"kind": "pixel", "factor": AE}, plan=pipe.plan,
+                  query_hint=True)
+    hinted = load_pico(d, batch_size=2)
+    assert hinted.layout == dataclasses.replace(pipe.layout, query_hint=True) and not pipe.layout.query_hint
+    a, a_out, q = _images(3, seed=9)
+    assert np.abs(hinted(a, a_out, [q])[0].image - pipe(a, a_out, [q])[0].image).max() > 1e-3
+
+
 def _write_meta(d, **changes):
     meta = json.loads((d / "pico.json").read_text())
     for k, v in changes.items():
@@ -425,6 +451,7 @@ def _write_meta(d, **changes):
     (dict(sampling={"seeds": 2, "keep": 3}), "cannot keep 3 of 2"),
     (dict(sampling={"scorer": {"layers": [0, 7]}}), r"scorer layers \[7\] out of range"),
     (dict(dtype="float99"), "invalid pico.json"),
+    (dict(query_hint="yes"), "query_hint must be true or false"),
 ])
 def test_bad_pico_json_errors(tmp_path, model, change, match):
     d = save_pico(tmp_path / "ck", model, panel=PANEL, autoencoder={"kind": "pixel", "factor": AE})

@@ -151,14 +151,15 @@ def test_overrides_and_errors():
 def test_cli_tiny_config_loss_goes_down(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
-                          "--workdir", str(tmp_path), "--no-progress", "--export", str(tmp_path / "export")],
+                          "--workdir", str(tmp_path), "--no-progress", "--export", str(tmp_path / "export"),
+                          "--set", "query_hint=true"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = _metrics(tmp_path)
     first, last = np.mean([r["loss"] for r in rows[:2]]), np.mean([r["loss"] for r in rows[-2:]])
     assert last < 0.8 * first, (first, last)
     assert list((tmp_path / "samples").glob("step_*.png"))
-    assert (tmp_path / "export" / "pico.json").exists()
+    assert json.loads((tmp_path / "export" / "pico.json").read_text())["query_hint"] is True
     assert list((tmp_path / "tensorboard").iterdir())
 
 

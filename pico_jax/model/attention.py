@@ -1,7 +1,11 @@
 """The one attention function of the model, with capture and edit hooks.
 
 Every attention call in the FLUX transformer goes through `attention()`. Ordinary layers use
-the fused kernel (`jax.nn.dot_product_attention`: cuDNN flash attention on GPU, XLA elsewhere).
+the backend's best exact kernel (`attention_implementation()`): cuDNN flash attention on GPU for
+bf16/fp16, query-blocked attention on CPU (the N×N logits of one block stay in cache; 1.7× faster
+than one N×N softmax at 1056 tokens), XLA's `dot_product_attention` elsewhere. Note that
+`jax.nn.dot_product_attention` with no `implementation` is XLA on every backend, never cuDNN, so the
+choice is made here explicitly.
 A layer selected by a hook instead computes its logits explicitly, one head at a time (so a
 4096+512-token FLUX canvas needs one N×N map in memory, not H of them), and
 
@@ -22,6 +26,7 @@ batched, so `lax.cond` stays a real branch and unselected layers pay nothing).
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import flax.struct
@@ -119,9 +124,50 @@ def empty_stats(batch: int, num_groups: int, num_tokens: int) -> tuple[jax.Array
     )
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "blocked")
+CPU_QUERY_BLOCK = 128  # ~8 heads × 128 × N fp32 logits per block: a few MB at FLUX-like N, cache-sized
+_BLOCKED_MIN_TOKENS = 512  # below this one N×N softmax is small enough; blocking only adds padding
+
+
+def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str | None = None) -> str:
+    """Which exact attention kernel to use: the PICO_JAX_ATTENTION environment variable if set
+    (xla | cudnn | blocked), else by backend: cuDNN flash attention on GPU where it applies
+    (bf16/fp16, head_dim a multiple of 8 up to 128), query-blocked on CPU for long sequences,
+    XLA otherwise (TPU; fp32 on GPU)."""
+    forced = os.environ.get("PICO_JAX_ATTENTION", "").strip().lower()
+    if forced:
+        if forced not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"PICO_JAX_ATTENTION={forced!r}; choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        return forced
+    backend = backend or jax.default_backend()
+    if backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
+            and head_dim <= 128:
+        return "cudnn"
+    if backend == "cpu" and num_tokens >= _BLOCKED_MIN_TOKENS:
+        return "blocked"
+    return "xla"
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = CPU_QUERY_BLOCK) -> jax.Array:
+    """Exact attention computed for `block` queries at a time (every key in each block, so no online
+    softmax is needed); the same result as one N×N softmax with a working set that fits in cache.
+    (B, N, H, D) × 3 → (B, N, H, D)."""
+    b, n, h, d = q.shape
+    num_blocks = -(-n // block)
+    size = -(-n // num_blocks)  # as even as possible: at most num_blocks - 1 padded queries
+    size += -size % 8
+    pad = num_blocks * size - n
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, num_blocks, size, h, d)
+    out = jax.lax.map(lambda qq: jax.nn.dot_product_attention(qq, k, v), jnp.moveaxis(qb, 1, 0))
+    return jnp.moveaxis(out, 0, 1).reshape(b, num_blocks * size, h, d)[:, :n]
+
+
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """(B, N, H, D) × 3 → (B, N, H, D) with the backend's fused kernel (scale 1/sqrt(D))."""
-    return jax.nn.dot_product_attention(q, k, v)
+    """(B, N, H, D) × 3 → (B, N, H, D) with the backend's exact fused kernel (scale 1/sqrt(D))."""
+    impl = attention_implementation(q.dtype, q.shape[-1], q.shape[1])
+    if impl == "blocked":
+        return blocked_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
 def _edit_logits(logits: jax.Array, hooks: AttentionHooks) -> jax.Array:
