@@ -99,12 +99,21 @@ def read_manifest(path: str) -> list[dict]:
         bad = [k for k in ("exemplar", "exemplar_out", "query", "name") if k in row and not isinstance(row[k], str)]
         if bad:
             raise InputError(f"{path}:{n}: {bad} must be strings")
+        if "name" in row and not _plain_file_stem(row["name"]):
+            raise InputError(f"{path}:{n}: name {row['name']!r} must be a plain file name (no '/', '\\', "
+                             f"leading '.', or control characters), since outputs are written as --out/NAME.png")
         for k in ("exemplar", "exemplar_out", "query"):
             row[k] = str((base / row[k]) if not os.path.isabs(row[k]) else row[k])
         rows.append(row)
     if not rows:
         raise InputError(f"--manifest {path}: no triples")
     return rows
+
+
+def _plain_file_stem(name: str) -> bool:
+    """True for a name that stays inside --out as NAME.png (no path parts, no hidden or control chars)."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\") \
+        and all(c.isprintable() for c in name)
 
 
 def unique_names(paths: list[str], given: list[str | None]) -> list[str]:

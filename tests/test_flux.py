@@ -270,3 +270,24 @@ def test_diffusers_export_roundtrip(tmp_path):
     assert set(sd) == set(ref)
     for k, v in ref.items():
         np.testing.assert_array_equal(sd[k], v.numpy(), err_msg=k)
+
+
+def test_scan_unroll_changes_nothing_but_the_loop():
+    from pico_jax.model.flux import FluxTransformer
+
+    cfg = FluxConfig(num_double=3, num_single=2, num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), in_channels=8,
+                     context_dim=16, pooled_dim=8, guidance_embeds=False)
+    model = FluxTransformer(cfg, rngs=nnx.Rngs(3))
+    g = np.random.default_rng(0)
+    args = (g.standard_normal((1, 16, 8)).astype(np.float32), g.standard_normal((1, 4, 16)).astype(np.float32),
+            g.standard_normal((1, 8)).astype(np.float32), np.array([0.3], np.float32),
+            np.stack([np.zeros(16), np.arange(16) // 4, np.arange(16) % 4], 1).astype(np.float32),
+            np.zeros((4, 3), np.float32))
+    want = np.asarray(jit_forward(model)(*args))
+    state = nnx.state(model)
+    for unroll in (0, 2):
+        other = FluxTransformer(cfg.replace(scan_unroll=unroll), rngs=nnx.Rngs(0))
+        nnx.update(other, state)
+        np.testing.assert_allclose(np.asarray(jit_forward(other)(*args)), want, rtol=1e-5, atol=1e-6)
+        hlo = jax.jit(lambda *a: other(*a)).lower(*args).as_text()
+        assert ("while" in hlo) == (unroll != 0)

@@ -135,6 +135,8 @@ def _bad_inputs(tmp_path, imgs, checkpoint):
                                      + "\n{oops\n")
     (t / "nokey.jsonl").write_text(json.dumps({"exemplar": imgs["a"], "exemplar_out": imgs["a"]}) + "\n")
     (t / "notobj.jsonl").write_text('"a.png"\n')
+    (t / "badname.jsonl").write_text(json.dumps({"exemplar": imgs["a"], "exemplar_out": imgs["a_out"], "query": imgs["b"],
+                                                 "name": "../escape"}) + "\n")
     (t / "not_pico").mkdir()
     ex = ["--exemplar", imgs["a"], imgs["a_out"]]
     ck = ["--checkpoint", checkpoint]
@@ -147,6 +149,7 @@ def _bad_inputs(tmp_path, imgs, checkpoint):
         "missing key": (ck + ["--manifest", str(t / "nokey.jsonl")], ["nokey.jsonl:1", "query"]),
         "not an object": (ck + ["--manifest", str(t / "notobj.jsonl")], ["notobj.jsonl:1"]),
         "missing manifest": (ck + ["--manifest", str(t / "nomanifest.jsonl")], ["nomanifest.jsonl"]),
+        "path in name": (ck + ["--manifest", str(t / "badname.jsonl")], ["badname.jsonl:1", "'../escape'", "plain file name"]),
         "seeds 0": (ck + ex + ["--query", imgs["b"], "--seeds", "0"], ["--seeds"]),
         "negative seed": (ck + ex + ["--query", imgs["b"], "--seed", "-1"], ["--seed"]),
         "keep > seeds": (ck + ex + ["--query", imgs["b"], "--seeds", "2", "--keep", "3"], ["--keep", "3"]),
@@ -158,7 +161,7 @@ def _bad_inputs(tmp_path, imgs, checkpoint):
 
 
 CASES = ["missing image", "missing exemplar", "non-image", "empty file", "bad json line", "missing key",
-         "not an object", "missing manifest", "seeds 0", "negative seed", "keep > seeds", "score steps > steps",
+         "not an object", "missing manifest", "path in name", "seeds 0", "negative seed", "keep > seeds", "score steps > steps",
          "manifest and query", "no query", "not a checkpoint"]
 
 

@@ -42,6 +42,10 @@ class FluxConfig:
     # How the layer stacks run: "none" keeps all activations; "full" recomputes each block in
     # the backward pass; "dots" saves matmul outputs without batch dims (jax checkpoint policy).
     remat: str = "none"
+    # Layers per iteration of the scanned stacks: 1 keeps one compiled block per stack (fast
+    # compiles); larger values unroll (more room for XLA to schedule across layers, longer
+    # compiles); 0 unrolls completely (no loop; XLA's cost analysis then counts every layer).
+    scan_unroll: int = 1
 
     @property
     def width(self) -> int:
@@ -314,7 +318,7 @@ _REMAT_POLICIES = {
 }
 
 
-def _scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str):
+def _scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 1):
     """lax.scan of `body(block, carry, x) -> (carry, y)` over a stacked module's layers."""
     graphdef, state = nnx.split(stacked)
 
@@ -326,7 +330,7 @@ def _scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str):
         if remat not in _REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; choose none, {', '.join(_REMAT_POLICIES)}")
         step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(step, carry, (state, xs))
+    return jax.lax.scan(step, carry, (state, xs), unroll=True if unroll == 0 else unroll)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -411,14 +415,16 @@ class FluxTransformer(nnx.Module):
             img, txt, stats = block(img, txt, vec, cos, sin, hooks, f[0], f[1])
             return (img, txt), stats
 
-        (img, txt), d_stats = _scan_blocks(double_body, (img, txt), self.double_blocks, flags[: cfg.num_double], cfg.remat)
+        (img, txt), d_stats = _scan_blocks(double_body, (img, txt), self.double_blocks, flags[: cfg.num_double], cfg.remat,
+                                          cfg.scan_unroll)
 
         def single_body(block, x, f):
             return block(x, vec, cos, sin, hooks, f[0], f[1])
 
         n_txt = txt.shape[1]
         x, s_stats = _scan_blocks(
-            single_body, jnp.concatenate([txt, img], 1), self.single_blocks, flags[cfg.num_double :], cfg.remat
+            single_body, jnp.concatenate([txt, img], 1), self.single_blocks, flags[cfg.num_double :], cfg.remat,
+            cfg.scan_unroll,
         )
         img = x[:, n_txt:]
 
