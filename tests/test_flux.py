@@ -90,6 +90,10 @@ def test_bf16_within_bf16_tolerance(tmp_path):
     tm = make_torch_flux()
     tm.save_pretrained(tmp_path)
     inputs = make_inputs(tm)
+    # t and guidance such that ×1000 is exact in bf16: a bf16 model rounds them the way diffusers
+    # and BFL do (test_time_scaling_rounds_like_diffusers), which an fp32 reference does not.
+    inputs["timestep"] = np.array([0.5, 0.25], np.float32)
+    inputs["guidance"] = np.array([4.0, 4.0], np.float32)
     want = torch_forward(tm, inputs)
     got = jit_forward(load_flux_transformer(tmp_path, dtype=jnp.bfloat16))(**inputs)
     assert got.dtype == jnp.bfloat16
@@ -291,3 +295,14 @@ def test_scan_unroll_changes_nothing_but_the_loop():
         np.testing.assert_allclose(np.asarray(jit_forward(other)(*args)), want, rtol=1e-5, atol=1e-6)
         hlo = jax.jit(lambda *a: other(*a)).lower(*args).as_text()
         assert ("while" in hlo) == (unroll != 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_time_scaling_rounds_like_diffusers(dtype):
+    from pico_jax.model.flux import scaled_time
+
+    values = np.array([0.0, 0.001, 0.35, 0.5, 0.7431, 1.0, 3.5, 4.0], np.float32)
+    want = (torch.from_numpy(values).to(getattr(torch, dtype)) * 1000).float().numpy()  # diffusers' arithmetic
+    np.testing.assert_array_equal(np.asarray(scaled_time(values, getattr(jnp, dtype))), want)
+    if dtype == "bfloat16":
+        assert float(scaled_time(np.float32(3.5), jnp.bfloat16)) == 3504.0  # not 3500: bf16 has 8 mantissa bits

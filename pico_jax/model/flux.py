@@ -318,6 +318,13 @@ _REMAT_POLICIES = {
 }
 
 
+def scaled_time(t, dtype) -> jax.Array:
+    """t (or guidance) × 1000 as diffusers and BFL compute it: rounded to the model dtype, multiplied
+    in that dtype, then fp32 for the sinusoidal embedding. In bf16 this matters: guidance 3.5 embeds
+    as 3504, not 3500, and the pretrained weights were trained on the rounded values."""
+    return (jnp.asarray(t).astype(dtype) * jnp.asarray(1000, dtype)).astype(jnp.float32)
+
+
 def _scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 1):
     """lax.scan of `body(block, carry, x) -> (carry, y)` over a stacked module's layers."""
     graphdef, state = nnx.split(stacked)
@@ -362,11 +369,11 @@ class FluxTransformer(nnx.Module):
 
     def conditioning(self, timestep, pooled_projections, guidance=None) -> jax.Array:
         """The modulation vector: embed(t) + embed(guidance) + embed(pooled text)."""
-        vec = self.time_in(timestep_embedding(timestep * 1000.0).astype(self.dtype))
+        vec = self.time_in(timestep_embedding(scaled_time(timestep, self.dtype)).astype(self.dtype))
         if self.guidance_in is not None:
             if guidance is None:
                 raise ValueError("this FLUX model has a guidance embedding (guidance_embeds=True): pass `guidance`")
-            vec = vec + self.guidance_in(timestep_embedding(guidance * 1000.0).astype(self.dtype))
+            vec = vec + self.guidance_in(timestep_embedding(scaled_time(guidance, self.dtype)).astype(self.dtype))
         elif guidance is not None:
             raise ValueError("this FLUX model has no guidance embedding (guidance_embeds=False): pass guidance=None")
         return vec + self.vector_in(pooled_projections)
