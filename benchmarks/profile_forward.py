@@ -235,8 +235,8 @@ def main(argv=None):
           f"stream bandwidth {bw / 1e9:.1f} GB/s")
     print(f"forward: median {wall * 1e3:.1f} ms = {flops / wall / 1e9:.1f} GFLOP/s (analytic FLOPs) = "
           f"{flops / wall / peak:.0%} of the matmul rate")
-    print(f"roofline of the unblocked XLA graph: compute {t_compute * 1e3:.0f} ms, bytes {t_memory * 1e3:.0f} ms "
-          f"(the blocked/fused attention that runs moves fewer bytes than this graph counts)")
+    print(f"roofline of the all-heads XLA graph: compute {t_compute * 1e3:.0f} ms, bytes {t_memory * 1e3:.0f} ms "
+          f"(the headwise/fused attention that runs moves fewer bytes than this graph counts)")
 
     table = hlo_ops(compiled.as_text())
     with tempfile.TemporaryDirectory() as tmp:
