@@ -1,11 +1,18 @@
 """pico-tiny: the bundled default model. A FLUX-architecture Fill-style DiT (4 double + 4 single
 blocks, width 128 = 4 heads x 32) in pixel space (PixelAutoencoder(2)), 32-px panels (a 64x64
-canvas = 256 image tokens), trained from scratch on the training relation families.
+canvas = 256 image tokens), trained on the training relation families, with the query hint (B
+shown under the B' mask in the Fill condition; see CanvasLayout.query_hint).
 
-Sized to train on a 2-core CPU in about an hour (no GPU was available when it was trained); with a
-GPU, widen it (model.num_heads / head_dim) and train longer.
+Sized to train on a 2-core CPU in about an hour per stage (no GPU was available when it was
+trained); with a GPU, widen it (model.num_heads / head_dim) and train longer in one stage.
 
-python train.py --config configs/pico_tiny.py --workdir runs/pico-tiny --export pico_jax/pretrained/pico-tiny
+The bundled weights were made in two stages (the hint was added after the first release):
+
+python train.py --config configs/pico_tiny.py --workdir runs/pico-tiny --set query_hint=false \
+    --export runs/pico-tiny-stage1
+python train.py --config configs/pico_tiny.py --workdir runs/pico-tiny-hint --steps 2000 --lr 5e-4 \
+    --set warmup_steps=50 --set base_checkpoint=runs/pico-tiny-stage1/transformer \
+    --export pico_jax/pretrained/pico-tiny
 """
 
 from pico_jax.model.flux import FluxConfig
@@ -19,6 +26,7 @@ def get_config() -> TrainConfig:
         autoencoder={"kind": "pixel", "factor": 2},
         text={"kind": "zeros", "length": 1},
         panel=32,
+        query_hint=True,
         steps=2000,
         batch_size=16,
         lr=1e-3,

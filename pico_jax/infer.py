@@ -27,8 +27,8 @@ Several seeds are sampled per query and an attention-guided scorer picks the bes
 EPILOG = """\
 examples:
   # the bundled pico-tiny model on the bundled example images
-  python infer.py --exemplar assets/examples/segment_shape/A.png assets/examples/segment_shape/A_out.png \\
-                  --query assets/examples/segment_shape/B.png --out out/
+  python infer.py --exemplar assets/examples/denoise/A.png assets/examples/denoise/A_out.png \\
+                  --query assets/examples/denoise/B.png --out out/
 
   # 16 seeds, 30 steps, keep and save the 3 best candidates
   python infer.py --exemplar a.png a_out.png --query b.png --query c.png --out out/ \\
