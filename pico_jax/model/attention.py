@@ -146,22 +146,66 @@ def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str
     return "xla"
 
 
-def headwise_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Exact attention one head at a time (lax.map over heads): a head's (B, N, N) logits are small
-    enough to stay in cache where all heads' are not, and the softmax normaliser is applied to the
-    (N, D) output instead of the (N, N) probabilities. Logits, exponentials and sums in fp32.
-    (B, N, H, D) × 3 → (B, N, H, D)."""
+def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Head-by-head attention forward; returns (out (B, N, H, D), logsumexp (H, B, N) fp32)."""
     scale = 1.0 / np.sqrt(q.shape[-1])
 
     def one_head(qkv):
         qh, kh, vh = qkv  # (B, N, D)
         logits = jnp.einsum("bqd,bkd->bqk", qh, kh, preferred_element_type=jnp.float32) * scale
-        e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-        out = jnp.einsum("bqk,bkd->bqd", e, vh.astype(jnp.float32))
-        return (out / e.sum(-1, keepdims=True)).astype(q.dtype)
+        m = logits.max(-1, keepdims=True)
+        e = jnp.exp(logits - m)
+        total = e.sum(-1, keepdims=True)
+        out = jnp.einsum("bqk,bkd->bqd", e, vh.astype(jnp.float32)) / total
+        return out.astype(q.dtype), (m + jnp.log(total))[..., 0]
 
-    out = jax.lax.map(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)))
-    return jnp.moveaxis(out, 0, 2)
+    out, lse = jax.lax.map(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)))
+    return jnp.moveaxis(out, 0, 2), lse
+
+
+@jax.custom_vjp
+def headwise_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Exact attention one head at a time (lax.map over heads): a head's (B, N, N) logits are small
+    enough to stay in cache where all heads' are not, and the softmax normaliser is applied to the
+    (N, D) output instead of the (N, N) probabilities. Logits, exponentials and sums in fp32.
+    (B, N, H, D) × 3 → (B, N, H, D).
+
+    The gradient is flash-attention style (custom VJP): the forward keeps only the output and the
+    per-query log-sum-exp, and the backward recomputes one head's probabilities at a time. Plain
+    autodiff would keep every head's N×N exponentials alive for the backward and spend most of the
+    step in broadcast elementwise ops over them."""
+    return _headwise_forward(q, k, v)[0]
+
+
+def _headwise_fwd(q, k, v):
+    out, lse = _headwise_forward(q, k, v)
+    return out, (q, k, v, out, lse)
+
+
+def _headwise_bwd(residuals, d_out):
+    q, k, v, out, lse = residuals
+    scale = 1.0 / np.sqrt(q.shape[-1])
+
+    def one_head(args):
+        qh, kh, vh, oh, doh, lse_h = args  # (B, N, D) ×5, (B, N)
+        qh, kh, vh = (x.astype(jnp.float32) for x in (qh, kh, vh))
+        doh = doh.astype(jnp.float32)
+        logits = jnp.einsum("bqd,bkd->bqk", qh, kh) * scale
+        probs = jnp.exp(logits - lse_h[..., None])
+        dv = jnp.einsum("bqk,bqd->bkd", probs, doh)
+        dprobs = jnp.einsum("bqd,bkd->bqk", doh, vh)
+        delta = jnp.sum(doh * oh.astype(jnp.float32), -1, keepdims=True)  # = rowsum(P ∘ dP)
+        dlogits = probs * (dprobs - delta) * scale
+        dq = jnp.einsum("bqk,bkd->bqd", dlogits, kh)
+        dk = jnp.einsum("bqk,bqd->bkd", dlogits, qh)
+        return dq, dk, dv
+
+    heads_first = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, out, d_out))
+    dq, dk, dv = jax.lax.map(one_head, (*heads_first, lse))
+    return tuple(jnp.moveaxis(g, 0, 2).astype(x.dtype) for g, x in zip((dq, dk, dv), (q, k, v)))
+
+
+headwise_attention.defvjp(_headwise_fwd, _headwise_bwd)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
