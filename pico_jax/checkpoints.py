@@ -23,6 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from pico_jax.flow import PREDICTIONS
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, save_safetensors_atomic
 
 BUNDLED = Path(__file__).parent / "pretrained" / "pico-tiny"
@@ -125,6 +126,9 @@ def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_si
         query_hint = meta.get("query_hint", False)
         if not isinstance(query_hint, bool):
             raise TypeError(f"query_hint must be true or false (got {query_hint!r})")
+        prediction = meta.get("prediction", "velocity")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS} (got {prediction!r})")
         if not isinstance(meta["autoencoder"], dict):
             raise TypeError("autoencoder must be an object")
         dtype = dtype or getattr(jnp, str(meta.get("dtype", "float32")))
@@ -139,7 +143,7 @@ def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_si
         ae = build_autoencoder(meta["autoencoder"], root, dtype)
         text = _text(meta.get("text", {"kind": "zeros"}), root, transformer.config)
         return Pipeline(transformer, ae, text, panel=panel, policy=meta.get("policy", "pad"),
-                        plan=plan, batch_size=batch_size, query_hint=query_hint)
+                        plan=plan, batch_size=batch_size, query_hint=query_hint, prediction=prediction)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as e:  # e.g. autoencoder without 'factor', channel mismatch
@@ -157,6 +161,7 @@ def save_pico(
     extra: dict | None = None,
     dtype: str = "float32",
     query_hint: bool = False,
+    prediction: str = "velocity",
 ) -> Path:
     """Write a pico checkpoint directory atomically (a temp directory renamed into place)."""
     from pico_jax.convert import flux_state_to_diffusers
@@ -174,6 +179,7 @@ def save_pico(
             "panel": panel,
             "policy": "pad",
             "query_hint": bool(query_hint),
+            "prediction": prediction,
             "dtype": dtype,
             "transformer": "transformer",
             "autoencoder": autoencoder,

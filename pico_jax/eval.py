@@ -511,6 +511,9 @@ def render_markdown(results: dict) -> str:
              f"full run {st['model_calls_per_episode']['full_run']}.")
     if st.get("checkpoint"):
         L.append(f"Checkpoint: `{st['checkpoint']}`.")
+    sc = st["plan_early"]["scorer"]
+    signal = sc.get("signal", "attention")
+    L.append(f"Seed scorer: {'consensus' if signal == 'consensus' else 'attention, weights ' + repr(sc['weights'])}.")
     L += ["", "Score: **IoU** (mask families, masks = max channel > 0.5) or **PSNR dB** (image families). "
           "Bold: best non-oracle entry. `oracle` picks the best of the N candidates with the truth (upper bound of "
           "seed selection); `threshold_B` is an *oracle* global luminance threshold (chosen with the truth); "
@@ -638,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=8, help="diffusion seeds (candidates) per episode (default 8)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
     p.add_argument("--score-steps", type=int, help="steps the scorer reads / early-selection point k (default: the checkpoint's)")
+    p.add_argument("--scorer", metavar="NAME", help="seed scorer: an attention preset (context, focus, ...) or "
+                                                    "consensus (default: the checkpoint's)")
     p.add_argument("--panel-size", type=int, help="episode image size in px (default: the model's panel)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--batch-size", type=int, default=4, help="episodes per compiled batch (default 4)")
@@ -680,6 +685,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipe = load_pico(args.checkpoint, batch_size=args.batch_size)
     except CheckpointError as e:
         return fail(str(e))
+    if args.scorer:
+        from pico_jax.scorer import scorer_from_name
+
+        try:
+            pipe.plan = dataclasses.replace(pipe.plan, scorer=scorer_from_name(pipe.plan.scorer, args.scorer))
+        except ValueError as e:
+            return fail(f"--scorer: {e}")
     try:
         res = evaluate(pipe, families, args.episodes, args.seeds, steps=args.steps, score_steps=args.score_steps,
                        panel_size=args.panel_size, sample_seed=args.sample_seed, episode_offset=args.episode_offset,

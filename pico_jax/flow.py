@@ -39,6 +39,30 @@ def flow_loss(pred_velocity, x0, noise, token_mask) -> jax.Array:
     return masked_mse(pred_velocity, velocity_target(x0, noise), token_mask)
 
 
+# ------------------------------------------------------------------- what the network predicts
+PREDICTIONS = ("velocity", "x0_residual")
+
+
+def velocity_from_output(out: jax.Array, xt: jax.Array, t: jax.Array, base: jax.Array | None, prediction: str,
+                         t_min: float = 0.05) -> jax.Array:
+    """The velocity a network output stands for.
+
+    'velocity' (FLUX): the output is v. 'x0_residual': the output is the clean sample's offset from
+    `base` (for PICO, the query B's tokens at the B' positions), x̂0 = base + out, and
+    v = (x_t − x̂0) / max(t, t_min) — x-prediction trained with the v-loss, as JiT (Li & He, 2025)
+    does for pixel-space diffusion, with the identity "B' = B" as the zero output. t is a scalar
+    or (B,) per example. The clip keeps the loss weight 1/t² finite; an Euler step from t to 0
+    lands exactly on x̂0 whenever t ≥ t_min."""
+    if prediction == "velocity":
+        return out
+    if prediction != "x0_residual":
+        raise ValueError(f"prediction must be one of {PREDICTIONS} (got {prediction!r})")
+    t = jnp.asarray(t, jnp.float32)
+    t = t.reshape(-1, *([1] * (xt.ndim - 1))) if t.ndim else t
+    x0 = base.astype(jnp.float32) + out.astype(jnp.float32)
+    return ((xt.astype(jnp.float32) - x0) / jnp.maximum(t, t_min)).astype(out.dtype)
+
+
 # ------------------------------------------------------------------------------ timesteps
 def flux_mu(image_seq_len: int, base_seq: int = 256, max_seq: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """FLUX's resolution-dependent shift parameter: linear in the number of image tokens."""

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--selection", choices=["early", "full", "random"],
                    help="early: score after --score-steps and finish the best; full: finish all, pick best; random: one seed")
     s.add_argument("--score-steps", type=int, help="early steps the scorer reads (k)")
+    s.add_argument("--scorer", metavar="NAME",
+                   help="how seeds are scored: an attention preset (context, focus, exemplar, query, self) or "
+                        "'consensus' (the seed whose clean estimate agrees best with the others')")
     s.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed..seed+N-1 (default 0)")
     s.add_argument("--guidance", type=float, help="guidance value for guidance-distilled FLUX bases")
     p.add_argument("--batch-size", type=int, default=4, help="queries per compiled batch (default 4)")
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
     from pico_jax import grid
     from pico_jax.imageio import ImageError, load_image, save_png_atomic
     from pico_jax.safetensors_io import CheckpointError
-    from pico_jax.scorer import ScorerConfig
+    from pico_jax.scorer import scorer_from_name
 
     try:
         from pico_jax.checkpoints import load_pico
@@ -223,6 +226,12 @@ def main(argv=None) -> int:
     plan = dataclasses.replace(pipe.plan, **overrides)
     if args.score_steps is not None:
         plan = dataclasses.replace(plan, scorer=dataclasses.replace(plan.scorer, steps=args.score_steps))
+    if args.scorer is not None:
+        try:
+            plan = dataclasses.replace(plan, scorer=scorer_from_name(plan.scorer, args.scorer))
+        except ValueError as e:
+            print(f"infer.py: error: --scorer: {e}", file=sys.stderr)
+            return 2
     if args.seeds is not None and args.keep is None:
         plan = dataclasses.replace(plan, keep=min(plan.keep, plan.seeds))
     try:

@@ -19,10 +19,8 @@ Selection modes (`selection=`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -31,27 +29,37 @@ import numpy as np
 from flax import nnx
 
 from pico_jax import grid
-from pico_jax.flow import euler_sample, flux_mu, flux_schedule
+from pico_jax.flow import PREDICTIONS, euler_sample, flux_mu, flux_schedule, velocity_from_output
 from pico_jax.model.attention import AttentionHooks
 from pico_jax.model.flux import FluxTransformer
-from pico_jax.scorer import ScorerConfig, choose, score_from_group_mass
+from pico_jax.scorer import ScorerConfig, choose, consensus_scores, score_from_group_mass
 
 
 # ------------------------------------------------------------------------------ conditioning
 @dataclasses.dataclass(frozen=True)
 class CanvasLayout:
-    """Token geometry of a 2P × 2P canvas for an autoencoder with downsample `ae_factor`.
+    """Token geometry of a 2P × 2P canvas for an autoencoder with downsample `ae_factor`, and the
+    two per-checkpoint conventions of its Fill-style model (what the condition shows in the B'
+    region, and what the network's output means).
 
     query_hint: how the Fill condition shows the B' region. False (FLUX.1-Fill's convention, and
     what a pretrained Fill model expects): blanked. True: a copy of B, so every B' token sees the
     query pixels at its own position in its condition channels. It adds no information (B is on
     the canvas either way) but a small model no longer has to learn the B→B' spatial lookup
     through attention before it can do anything; the model must be trained with the same
-    setting."""
+    setting.
+
+    prediction: what the network outputs ('velocity', FLUX's convention; or 'x0_residual', the
+    clean B' as an offset from B — see flow.velocity_from_output)."""
 
     panel: int
     ae_factor: int
     query_hint: bool = False
+    prediction: str = "velocity"
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS} (got {self.prediction!r})")
 
     @property
     def tokens_hw(self) -> tuple[int, int]:
@@ -70,6 +78,20 @@ class CanvasLayout:
         m = np.zeros(self.num_tokens, np.float32)
         m[grid.panel_token_indices(*self.tokens_hw)[3]] = 1.0
         return m
+
+    def residual_base(self, known: jax.Array) -> jax.Array:
+        """The tokens an 'x0_residual' output is an offset from: `known` (B, N, C) with the query
+        panel B's tokens copied to the B' positions (the same raster order within each panel)."""
+        idx = grid.panel_token_indices(*self.tokens_hw)
+        source = np.arange(self.num_tokens)
+        source[idx[3]] = idx[2]  # a static permutation: one gather, no scatter
+        return jnp.take(known, jnp.asarray(source), axis=1)
+
+    def velocity(self, out: jax.Array, xt: jax.Array, t, known: jax.Array) -> jax.Array:
+        """The velocity the model's output `out` stands for under this layout's prediction."""
+        if self.prediction == "velocity":
+            return out
+        return velocity_from_output(out, xt, t, self.residual_base(known), self.prediction)
 
     def hooks(self, num_text: int, num_layers: int, capture_layers: Sequence[int]) -> AttentionHooks:
         h, w = self.tokens_hw
@@ -187,6 +209,8 @@ def sample(
     score_steps = plan.scorer.steps if plan.selection == "early" else plan.steps
     hooks = layout.hooks(prompt.shape[1], cfg.num_layers, plan.scorer.layer_list(cfg.num_layers))
     weights = plan.scorer.weight_vector()
+    consensus = plan.scorer.signal == "consensus"
+    bprime_idx = jnp.asarray(grid.panel_token_indices(*layout.tokens_hw)[3])
 
     def velocity(eps, capture: bool):
         def v(x, t, step):
@@ -194,9 +218,12 @@ def sample(
             inp = jnp.concatenate([x, cond.astype(x.dtype)], -1)
             tb = jnp.full((b,), t, jnp.float32)
             if not capture:
-                return model(inp, prompt, pooled, tb, img_ids, txt_ids, guidance), ()
+                return layout.velocity(model(inp, prompt, pooled, tb, img_ids, txt_ids, guidance), x, t, known), ()
+            if consensus:  # no hooks: the score reads the clean estimate x̂0 = x_t - t·v of B'
+                vel = layout.velocity(model(inp, prompt, pooled, tb, img_ids, txt_ids, guidance), x, t, known)
+                return vel, (x - t * vel)[:, bprime_idx]
             out, cap = model(inp, prompt, pooled, tb, img_ids, txt_ids, guidance, hooks=hooks.gated(step < score_steps))
-            return out, (cap.group_mass, cap.captured)
+            return layout.velocity(out, x, t, known), (cap.group_mass, cap.captured)
 
         return v
 
@@ -218,15 +245,20 @@ def sample(
         group_mass, captured = aux  # (steps, L, B, G, G), (steps, L)
         return score_from_group_mass(group_mass, captured, weights)
 
+    def all_scores(aux):  # aux stacked over seeds → (S, B)
+        if consensus:
+            return consensus_scores(aux[:, -1])  # the last scored step's estimates (S, B, n, C)
+        return jax.vmap(scores_of)(aux)
+
     if plan.selection == "full":
         x, aux = jax.vmap(lambda e: run(e, 0, None, True))(noise)
-        scores = jax.vmap(scores_of)(aux)  # (S, B)
+        scores = all_scores(aux)  # (S, B)
         idx = choose(scores, plan.keep)
         return Samples(with_known(x[idx, jnp.arange(b)[None]]), idx, scores)
 
     k = plan.scorer.steps
     x_k, aux = jax.vmap(lambda e: run(e, 0, k, True))(noise)
-    scores = jax.vmap(scores_of)(aux)
+    scores = all_scores(aux)
     idx = choose(scores, plan.keep)  # (m, B)
     x_sel = x_k[idx, jnp.arange(b)[None]]  # (m, B, N, C)
     eps_sel = noise[idx]  # (m, B, N, C)
@@ -271,9 +303,10 @@ class Pipeline:
         plan: SamplingPlan = SamplingPlan(),
         batch_size: int = 4,
         query_hint: bool = False,
+        prediction: str = "velocity",
     ):
         self.transformer, self.autoencoder, self.text = transformer, autoencoder, text
-        self.layout = CanvasLayout(panel, autoencoder.downsample_factor, query_hint)
+        self.layout = CanvasLayout(panel, autoencoder.downsample_factor, query_hint, prediction)
         expected = fill_in_channels(autoencoder)
         if transformer.config.in_channels != expected:
             raise ValueError(

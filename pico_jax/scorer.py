@@ -23,6 +23,13 @@ and the focus score, chosen on the train split, beats a random seed on the held-
 (+0.20 dB PSNR [95% CI +0.08, +0.32] on image families; +0.013 IoU [-0.016, +0.041] on masks),
 where the context score loses (-0.15 dB). pico-tiny's pico.json therefore uses "focus"; the
 library default stays "context" until it is measured at FLUX scale.
+
+``signal="consensus"`` scores seeds by agreement instead of attention: after the scored steps,
+each seed's current clean estimate of the B' panel, x̂0 = x_t − t·v, is compared with the mean
+estimate of all the query's seeds, and the seed closest to it wins (score = −mean squared
+distance). It needs no hooks (so it also works where attention cannot be captured) and prefers
+the candidate nearest the model's consensus answer, which is the one a pixel metric rewards
+when seeds disagree on details; with one seed it is constant.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import numpy as np
 from pico_jax.grid import GROUP_NAMES
 
 BPRIME = GROUP_NAMES.index("B_out")
+SIGNALS = ("attention", "consensus")
 
 PRESETS: dict[str, tuple[float, ...]] = {
     "context": (0.0, 1.0, 1.0, 1.0, 0.0),
@@ -56,11 +64,18 @@ class ScorerConfig:
       are scored before the choice. Selection "full" scores every step of the full run instead
       (the full-run score), so the two modes may choose different seeds.
     weights: a preset name from PRESETS or a tuple of 5 per-group weights.
+    signal: "attention" (the weighted attention mass above) or "consensus" (agreement of the
+      seeds' clean estimates at the last scored step; `layers` and `weights` are then unused).
     """
 
     layers: tuple[int, ...] | None = None
     steps: int = 2
     weights: str | tuple[float, ...] = "context"
+    signal: str = "attention"
+
+    def __post_init__(self):
+        if self.signal not in SIGNALS:
+            raise ValueError(f"scorer signal must be one of {SIGNALS} (got {self.signal!r})")
 
     def weight_vector(self) -> np.ndarray:
         w = PRESETS.get(self.weights) if isinstance(self.weights, str) else self.weights
@@ -90,6 +105,22 @@ def score_from_group_mass(group_mass: jax.Array, captured: jax.Array, weights) -
     return total / jnp.maximum(jnp.sum(w), 1.0)
 
 
+def consensus_scores(x0_hat: jax.Array) -> jax.Array:
+    """x0_hat (S, B, n, C): each seed's clean estimate of the B' tokens → (S, B) scores, the
+    negative mean squared distance to the mean estimate over the S seeds (higher is better)."""
+    x = x0_hat.astype(jnp.float32)
+    return -jnp.mean(jnp.square(x - x.mean(0, keepdims=True)), axis=(2, 3))
+
+
 def choose(scores: jax.Array, m: int) -> jax.Array:
     """Indices (m, B) of the m best seeds per query, best first; scores (S, B)."""
     return jnp.argsort(-scores, axis=0)[:m]
+
+
+def scorer_from_name(base: ScorerConfig, name: str) -> ScorerConfig:
+    """`base` scoring with `name`: 'consensus', or an attention preset of PRESETS."""
+    if name == "consensus":
+        return dataclasses.replace(base, signal="consensus")
+    if name not in PRESETS:
+        raise ValueError(f"unknown scorer {name!r}; choose consensus or an attention preset ({', '.join(sorted(PRESETS))})")
+    return dataclasses.replace(base, signal="attention", weights=name)

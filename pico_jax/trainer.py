@@ -49,6 +49,7 @@ class TrainConfig:
     text: dict = dataclasses.field(default_factory=lambda: {"kind": "zeros", "length": 1})
     panel: int = 32
     query_hint: bool = False  # Fill condition shows B under the B' mask (see CanvasLayout); keep False for FLUX.1-Fill
+    prediction: str = "velocity"  # network output: 'velocity' (FLUX) or 'x0_residual' (see flow.velocity_from_output)
     dtype: str = "float32"  # compute/param dtype of the base
     # what is trained
     lora_rank: int = 0  # 0: full fine-tuning
@@ -143,6 +144,11 @@ def build_model(cfg: TrainConfig, place=None) -> FluxTransformer:
         model = load_flux_transformer(cfg.base_checkpoint, dtype=dtype, place=place, remat=cfg.remat)
     else:
         model = FluxTransformer(cfg.model.replace(remat=cfg.remat), rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=dtype)
+        if cfg.prediction == "x0_residual":
+            # Zero output = "B' is B": a fresh residual model starts exactly at the copy-B baseline
+            # and learns only the change the exemplar shows (DiT zero-initialises this layer too).
+            model.final_proj.kernel[...] = jnp.zeros_like(model.final_proj.kernel[...])
+            model.final_proj.bias[...] = jnp.zeros_like(model.final_proj.bias[...])
     if cfg.lora_rank > 0:
         from pico_jax.model.lora import DEFAULT_TARGETS, add_lora
 
@@ -179,7 +185,7 @@ def loss_fn(model: FluxTransformer, ae, text: TextConditioning, layout: CanvasLa
     canvas = canvas_from_batch(batch).astype(jnp.float32)
     b = canvas.shape[0]
     x0 = encode_tokens(ae, canvas).astype(model.dtype)
-    cond, _ = fill_condition(ae, canvas, layout)
+    cond, known = fill_condition(ae, canvas, layout)
     k_t, k_n = jax.random.split(key)
     t = sample_timesteps(k_t, b, kind=kind, mu=cfg_mu)
     noise = jax.random.normal(k_n, x0.shape, jnp.float32).astype(x0.dtype)
@@ -196,7 +202,7 @@ def loss_fn(model: FluxTransformer, ae, text: TextConditioning, layout: CanvasLa
         jnp.zeros((prompt.shape[1], 3), jnp.float32),
         guidance,
     )
-    return flow_loss(pred, x0, noise, jnp.asarray(layout.bprime_tokens()))
+    return flow_loss(layout.velocity(pred, xt, t, known), x0, noise, jnp.asarray(layout.bprime_tokens()))
 
 
 def make_train_step(graphdef, ae, text, layout, cfg: TrainConfig, tx, schedule):
@@ -293,7 +299,7 @@ class Trainer:
         from pico_jax.checkpoints import build_autoencoder
 
         self.ae = build_autoencoder(cfg.autoencoder, Path(cfg.autoencoder.get("root", ".")), dtype)
-        self.layout = CanvasLayout(cfg.panel, self.ae.downsample_factor, cfg.query_hint)
+        self.layout = CanvasLayout(cfg.panel, self.ae.downsample_factor, cfg.query_hint, cfg.prediction)
         self._build_state()
 
     def _build_state(self):
@@ -387,21 +393,27 @@ class Trainer:
             model = merge_lora(model)
         return save_pico(out_dir, model, panel=self.cfg.panel, autoencoder=self.cfg.autoencoder, text=self.cfg.text,
                          plan=plan or SamplingPlan(steps=self.cfg.sample_steps, mu=0.0), extra=extra,
-                         dtype=self.cfg.dtype, query_hint=self.cfg.query_hint)
+                         dtype=self.cfg.dtype, query_hint=self.cfg.query_hint, prediction=self.cfg.prediction)
 
     def save_lora(self, path):
         from pico_jax.model.lora import save_lora_diffusers
 
         save_lora_diffusers(self.model(), path)
 
+    def pipeline(self, plan: SamplingPlan | None = None, batch_size: int = 4, use_ema: bool = True):
+        """An inference Pipeline over the current (EMA) weights, with this run's canvas conventions."""
+        from pico_jax.pipeline import Pipeline
+
+        return Pipeline(self.model(use_ema), self.ae, self.text, self.cfg.panel, batch_size=batch_size,
+                        plan=plan or SamplingPlan(steps=self.cfg.sample_steps, mu=0.0),
+                        query_hint=self.cfg.query_hint, prediction=self.cfg.prediction)
+
     # --- samples ---------------------------------------------------------------------------
     def save_samples(self, batch: dict, path: Path, n: int = 4):
         from pico_jax.imageio import save_png_atomic
-        from pico_jax.pipeline import Pipeline
 
-        pipe = Pipeline(self.model(), self.ae, self.text, self.cfg.panel, plan=SamplingPlan(
-            steps=self.cfg.sample_steps, seeds=1, keep=1, selection="random", mu=0.0), batch_size=n,
-            query_hint=self.cfg.query_hint)
+        pipe = self.pipeline(SamplingPlan(steps=self.cfg.sample_steps, seeds=1, keep=1, selection="random", mu=0.0),
+                             batch_size=n)
         path.parent.mkdir(parents=True, exist_ok=True)
         a, a2, b, b2 = (np.asarray(batch[k][:n]) * 0.5 + 0.5 for k in ("A", "A_out", "B", "B_out"))
         canvases = [grid.compose(a[i], a2[i], b[i], panel=self.cfg.panel) for i in range(len(a))]

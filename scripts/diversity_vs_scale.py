@@ -7,6 +7,9 @@ tasks). Both are evaluated on the held-out families, which neither has seen.
 
     python scripts/diversity_vs_scale.py --workdir runs/diversity [--steps 600 --episodes 6 --seeds 2]
 
+Both arms use the bundled pico-tiny's recipe (configs/pico_tiny.py; --config for another) with
+only the step count and the families changed.
+
 Writes WORKDIR/diversity.md and WORKDIR/diversity.json. Training runs resume from WORKDIR.
 """
 
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -35,16 +37,15 @@ def quarter_of(families: list[str]) -> list[str]:
     return sorted(f for fams in by_cat.values() for f in fams[: max(1, round(len(fams) / 4))])
 
 
-def base_config(steps: int, families: list[str], query_hint: bool = True):
-    from pico_jax.model.flux import FluxConfig
-    from pico_jax.trainer import TrainConfig
+def base_config(steps: int, families: list[str], config: str = "configs/pico_tiny.py", query_hint: bool | None = None):
+    """The recipe of `config` (default: the bundled pico-tiny's), trained for `steps` on `families`."""
+    from pico_jax.train_cli import load_config_file
 
-    return TrainConfig(
-        model=FluxConfig(num_double=2, num_single=2, num_heads=2, head_dim=32, axes_dims_rope=(8, 12, 12),
-                         in_channels=112, out_channels=48, context_dim=32, pooled_dim=32, guidance_embeds=False),
-        panel=32, query_hint=query_hint, steps=steps, batch_size=16, lr=1e-3, warmup_steps=min(50, steps // 10), ema_decay=0.99,
-        log_every=25, checkpoint_every=steps, sample_every=0, sample_steps=12,
-        data={"kind": "procedural", "families": families},
+    cfg = load_config_file(config)
+    return dataclasses.replace(
+        cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, max(steps // 10, 1)), log_every=25,
+        checkpoint_every=steps, sample_every=0, sample_steps=12, data={"kind": "procedural", "families": families},
+        query_hint=cfg.query_hint if query_hint is None else query_hint,
     )
 
 
@@ -55,14 +56,16 @@ def main(argv=None):
     ap.add_argument("--episodes", type=int, default=6)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--sample-steps", type=int, default=12)
-    ap.add_argument("--no-query-hint", dest="query_hint", action="store_false",
+    ap.add_argument("--config", default="configs/pico_tiny.py",
+                    help="the training recipe both arms use (default: the bundled pico-tiny's, steps overridden)")
+    ap.add_argument("--no-query-hint", dest="query_hint", action="store_false", default=None,
                     help="blank B' in the Fill condition (FLUX.1-Fill's convention) instead of showing B there, "
                          "as pico-tiny does (see CanvasLayout.query_hint)")
     args = ap.parse_args(argv)
 
     from pico_jax.data.relations import SPLITS
     from pico_jax.eval import bootstrap_mean_ci, evaluate
-    from pico_jax.pipeline import Pipeline, SamplingPlan
+    from pico_jax.pipeline import SamplingPlan
     from pico_jax.trainer import Trainer
 
     work = Path(args.workdir)
@@ -71,10 +74,9 @@ def main(argv=None):
     heldout = sorted(SPLITS["heldout"])
     results = {}
     for name, fams in arms.items():
-        tr = Trainer(base_config(args.steps, fams, args.query_hint), work / name, progress=True)
+        tr = Trainer(base_config(args.steps, fams, args.config, args.query_hint), work / name, progress=True)
         tr.run()
-        pipe = Pipeline(tr.model(), tr.ae, tr.text, tr.cfg.panel, batch_size=8, query_hint=tr.cfg.query_hint,
-                        plan=SamplingPlan(steps=args.sample_steps, seeds=args.seeds, mu=0.0))
+        pipe = tr.pipeline(SamplingPlan(steps=args.sample_steps, seeds=args.seeds, mu=0.0), batch_size=8)
         res = evaluate(pipe, heldout, args.episodes, args.seeds, steps=args.sample_steps, score_steps=2,
                        out_dir=work / f"eval_{name}", split="heldout", progress=True)
         results[name] = {"families": fams, "eval": res}
@@ -91,7 +93,9 @@ def main(argv=None):
         f"Training: {args.steps} steps × batch 16 for both models (same examples seen); quarter = {len(arms['quarter'])} "
         f"families ({', '.join(arms['quarter'])}), all = {len(train)} families. Evaluation: the {len(heldout)} held-out "
         f"families, {args.episodes} episodes each (evaluation seeds), {args.seeds} seeds, {args.sample_steps} steps, "
-        f"full-run scorer choice. Query hint (B shown under the B' mask): {'on' if args.query_hint else 'off'}.", "",
+        f"full-run scorer choice. Recipe: `{args.config}` (width {tr.cfg.model.width}, {tr.cfg.model.num_double}+"
+        f"{tr.cfg.model.num_single} blocks, prediction {tr.cfg.prediction}, query hint "
+        f"{'on' if tr.cfg.query_hint else 'off'}).", "",
         "| held-out family | category | metric | quarter of families | all families | best no-learning baseline |",
         "|---|---|---|---|---|---|",
     ]

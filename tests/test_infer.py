@@ -154,6 +154,7 @@ def _bad_inputs(tmp_path, imgs, checkpoint):
         "negative seed": (ck + ex + ["--query", imgs["b"], "--seed", "-1"], ["--seed"]),
         "keep > seeds": (ck + ex + ["--query", imgs["b"], "--seeds", "2", "--keep", "3"], ["--keep", "3"]),
         "score steps > steps": (ck + ex + ["--query", imgs["b"], "--steps", "2", "--score-steps", "3"], ["--score-steps"]),
+        "unknown scorer": (ck + ex + ["--query", imgs["b"], "--scorer", "best"], ["--scorer", "'best'", "consensus"]),
         "manifest and query": (ck + ["--manifest", str(t / "nokey.jsonl"), "--query", imgs["b"]], ["--manifest"]),
         "no query": (ck + ex, ["--query"]),
         "not a checkpoint": (["--checkpoint", str(t / "not_pico")] + ex + ["--query", imgs["b"]], ["not_pico", "pico"]),
@@ -161,7 +162,7 @@ def _bad_inputs(tmp_path, imgs, checkpoint):
 
 
 CASES = ["missing image", "missing exemplar", "non-image", "empty file", "bad json line", "missing key",
-         "not an object", "missing manifest", "path in name", "seeds 0", "negative seed", "keep > seeds", "score steps > steps",
+         "not an object", "missing manifest", "path in name", "seeds 0", "negative seed", "keep > seeds", "score steps > steps", "unknown scorer",
          "manifest and query", "no query", "not a checkpoint"]
 
 
@@ -243,3 +244,14 @@ def test_save_png_atomic_cleans_up_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         imageio.save_png_atomic(np.zeros((4, 4, 3), np.float32), tmp_path / "x.png")
     assert os.listdir(tmp_path) == []
+
+
+def test_consensus_scorer_flag(tmp_path, imgs, checkpoint, capsys):
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"], "--out", str(out),
+               "--seeds", "3", "--scorer", "consensus", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "scores.json").read_text())
+    assert report["plan"]["scorer"]["signal"] == "consensus"
+    q = report["queries"]["b"]
+    assert all(s <= 0 for s in q["scores"]) and q["chosen_seed"] == q["seeds"][int(np.argmax(q["scores"]))]

@@ -1,6 +1,5 @@
 """LoRA on the FLUX transformer: attach/merge, and files that diffusers/PEFT write and read."""
 
-import json
 
 import jax
 import jax.numpy as jnp

@@ -452,6 +452,7 @@ def _write_meta(d, **changes):
     (dict(sampling={"scorer": {"layers": [0, 7]}}), r"scorer layers \[7\] out of range"),
     (dict(dtype="float99"), "invalid pico.json"),
     (dict(query_hint="yes"), "query_hint must be true or false"),
+    (dict(prediction="epsilon"), "prediction must be one of"),
 ])
 def test_bad_pico_json_errors(tmp_path, model, change, match):
     d = save_pico(tmp_path / "ck", model, panel=PANEL, autoencoder={"kind": "pixel", "factor": AE})
@@ -474,3 +475,103 @@ def test_not_a_pico_checkpoint(tmp_path, model):
     shutil.rmtree(d / "transformer")
     with pytest.raises(CheckpointError, match="transformer"):
         load_pico(d)
+
+
+# ------------------------------------------------------------------------ x0-residual prediction
+def test_residual_base_puts_the_query_tokens_at_the_bprime_positions(layout, conditioned):
+    _, known = conditioned
+    idx = grid.panel_token_indices(*layout.tokens_hw)
+    base = np.asarray(layout.residual_base(known))
+    np.testing.assert_array_equal(base[:, idx[3]], np.asarray(known)[:, idx[2]])
+    for p in range(3):
+        np.testing.assert_array_equal(base[:, idx[p]], np.asarray(known)[:, idx[p]])
+
+
+def test_x0_residual_velocity_lands_on_base_plus_output():
+    from pico_jax.flow import velocity_from_output
+
+    rng = np.random.default_rng(0)
+    xt, base, out = (jnp.asarray(rng.standard_normal((2, 5, 3)), jnp.float32) for _ in range(3))
+    t = jnp.asarray([0.7, 0.2])
+    v = velocity_from_output(out, xt, t, base, "x0_residual")
+    # one Euler step from t to 0 is x_t - t·v = x̂0 = base + out, for each example's own t
+    np.testing.assert_allclose(xt - t[:, None, None] * v, base + out, rtol=1e-5, atol=1e-5)
+    assert velocity_from_output(out, xt, t, base, "velocity") is out
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        velocity_from_output(out, xt, t, base, "eps")
+
+
+def test_zero_residual_model_paints_exactly_the_query(tmp_path, ae, text):
+    """A zero-output x0_residual model means 'B' = B': every schedule ends on B exactly, which is
+    why a fresh residual model starts at the copy-B baseline (trainer zero-initialises it)."""
+    from pico_jax.trainer import TrainConfig, build_model
+
+    zero = build_model(TrainConfig(model=CFG, prediction="x0_residual"))
+    assert not np.any(np.asarray(zero.final_proj.kernel[...]))
+    d = save_pico(tmp_path / "ck", zero, panel=PANEL, autoencoder={"kind": "pixel", "factor": AE},
+                  plan=SamplingPlan(steps=T, seeds=2, keep=1, selection="early"), prediction="x0_residual")
+    pipe = load_pico(d, batch_size=1)
+    assert pipe.layout.prediction == "x0_residual"
+    a, a_out, q = _images(3, seed=4)
+    np.testing.assert_allclose(pipe(a, a_out, [q])[0].image, q, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ consensus scorer
+def test_consensus_scores_prefer_the_seed_nearest_the_mean():
+    from pico_jax.scorer import consensus_scores
+
+    x = np.zeros((4, 2, 3, 5), np.float32)  # (S, B, n, C)
+    x[1] += 0.1
+    x[2] -= 0.1
+    x[3, 0] += 3.0  # an outlier in query 0 only
+    s = np.asarray(consensus_scores(jnp.asarray(x)))
+    assert s.shape == (4, 2)
+    assert np.argmin(s[:, 0]) == 3 and np.argmax(s[:, 0]) in (0, 1, 2)
+    np.testing.assert_allclose(s[:, 1], -np.mean(np.square(x[:, 1] - x[:, 1].mean(0)), axis=(1, 2)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("selection", ["early", "full"])
+def test_consensus_selection_scores_the_clean_estimates(selection, model, conditioned, text, layout):
+    """The consensus score of each seed is recomputed by hand from its trajectory: x̂0 = x_t - t·v of
+    the B' tokens at the last scored step; the chosen seed is the best and its trajectory is the
+    full run's."""
+    from pico_jax.flow import flux_mu, flux_schedule
+    from pico_jax.scorer import consensus_scores
+
+    cond, known = conditioned
+    seeds = [0, 1, 2, 3]
+    plan = _plan(selection, keep=1, signal="consensus")
+    got = run_sample(model, cond, known, text, seeds, layout, plan)
+    n = cond.shape[1]
+    times = flux_schedule(T, mu=flux_mu(n))
+    last = K - 1 if selection == "early" else T - 1
+    bmask = jnp.asarray(layout.bprime_tokens())[None, :, None]
+    bidx = grid.panel_token_indices(*layout.tokens_hw)[3]
+    x0_hats = []
+    for s in seeds:
+        eps = seed_noise(jnp.asarray([s], jnp.uint32), (n, C_LAT), jnp.float32)[0]
+        x = jnp.broadcast_to(eps, known.shape)
+        for i in range(last + 1):
+            t = times[i]
+            x = jnp.where(bmask > 0, x, (1 - t) * known + t * eps)
+            v = model(jnp.concatenate([x, cond], -1), jnp.broadcast_to(text.prompt_embeds, (3, 1, CFG.context_dim)),
+                      jnp.broadcast_to(text.pooled, (3, CFG.pooled_dim)), jnp.full((3,), t), jnp.asarray(layout.img_ids()),
+                      jnp.zeros((1, 3)), None)
+            if i == last:
+                x0_hats.append((x - t * v)[:, bidx])
+            x = x + (times[i + 1] - t) * v
+    want = consensus_scores(jnp.stack(x0_hats))
+    np.testing.assert_allclose(got.scores, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(got.chosen[0], np.argmax(np.asarray(want), axis=0))
+
+
+def test_scorer_from_name():
+    from pico_jax.scorer import scorer_from_name
+
+    base = ScorerConfig(steps=3, layers=(0,))
+    assert scorer_from_name(base, "consensus") == ScorerConfig(steps=3, layers=(0,), signal="consensus")
+    assert scorer_from_name(base, "focus").weights == "focus"
+    with pytest.raises(ValueError, match="unknown scorer 'best'"):
+        scorer_from_name(base, "best")
+    with pytest.raises(ValueError, match="scorer signal must be one of"):
+        ScorerConfig(signal="vibes")
