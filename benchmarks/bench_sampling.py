@@ -7,7 +7,8 @@ for one query:
   full   selection="full":   S seeds × T steps, all captured and scored, best m kept
   early  selection="early":  S seeds × k captured steps, the best m finish T - k steps
 and the cost of the attention-capture hook: a single-seed T-step run with capture on the scored
-layers at every step (selection="full", S = 1) against the same run without hooks ("one").
+layers at every step (selection="full", S = 1) against the same run without hooks ("one"), and
+early selection with the consensus scorer (no hooks; the seeds' clean estimates are compared).
 
 Also prints the ideal model-call ratio early/one = (S·k + m·(T−k)) / T and the model calls and
 matmul FLOPs counted in each traced program (scan trip counts and the vmapped seed axis included).
@@ -108,6 +109,8 @@ def main():
         f"best-of-{S} early (m={m})": (SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
                                                    scorer=ScorerConfig(steps=k)), seeds),
         "1 seed full + capture": (SamplingPlan(steps=T, seeds=1, keep=1, selection="full"), seeds[:1]),
+        f"best-of-{S} early consensus": (SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
+                                                      scorer=ScorerConfig(steps=k, signal="consensus")), seeds),
     }
     times, calls, flops = {}, {}, {}
     for name, (plan, sd) in plans.items():
@@ -131,14 +134,15 @@ def main():
               f"compile+first {compile_s:.1f} s)  model calls {calls[name]:.0f}, matmul {flops[name] / 1e12:.3f} TFLOP",
               flush=True)
 
-    one, full, early, cap = (times[n] for n in plans)
+    one, full, early, cap, early_cons = (times[n] for n in plans)
     ideal = (S * k + m * (T - k)) / T
     print("ratios (wall time):")
     print(f"  early / one  = {early / one:6.2f}   (ideal model-call ratio (S·k + m·(T−k))/T = {ideal:.2f})")
     print(f"  full  / one  = {full / one:6.2f}   (ideal S = {S})")
     print(f"  early / full = {early / full:6.3f}   (ideal {ideal / S:.3f})")
+    print(f"  early consensus / one = {early_cons / one:6.2f}   (no attention capture; same ideal {ideal:.2f})")
     print(f"  capture hook: 1 seed, {T} steps, capture on all steps / no hooks = {cap / one:.2f}")
-    f_one, f_full, f_early, f_cap = (flops[n] for n in plans)
+    f_one, f_full, f_early, f_cap, _ = (flops[n] for n in plans)
     print(f"ratios (traced matmul FLOPs): early/one {f_early / f_one:.2f}, full/one {f_full / f_one:.2f}, "
           f"early/full {f_early / f_full:.3f}, capture/none {f_cap / f_one:.2f}")
 
