@@ -1,18 +1,19 @@
 """pico-tiny: the bundled default model. A FLUX-architecture Fill-style DiT (4 double + 4 single
 blocks, width 128 = 4 heads x 32) in pixel space (PixelAutoencoder(2)), 32-px panels (a 64x64
 canvas = 256 image tokens), trained on the training relation families, with the query hint (B
-shown under the B' mask in the Fill condition; see CanvasLayout.query_hint).
+shown under the B' mask in the Fill condition; see CanvasLayout.query_hint) and x0_residual
+prediction (the network paints B' as an offset from B, zero-initialised, so a fresh model is the
+copy-B baseline; see flow.velocity_from_output).
 
-Sized to train on a 2-core CPU in about an hour per stage (no GPU was available when it was
-trained); with a GPU, widen it (model.num_heads / head_dim) and train longer in one stage.
+Sized to train on a 2-core CPU in about 1.5 hours (5000 steps x 16 examples; no GPU was available
+when it was trained); with a GPU, widen it (model.num_heads / head_dim) and train longer.
 
-The bundled weights were made in two stages (the hint was added after the first release):
+The bundled weights (pico_jax/pretrained/pico-tiny) were made with exactly:
 
-python train.py --config configs/pico_tiny.py --workdir runs/pico-tiny --set query_hint=false \
-    --export runs/pico-tiny-stage1
-python train.py --config configs/pico_tiny.py --workdir runs/pico-tiny-hint --steps 2000 --lr 5e-4 \
-    --set warmup_steps=50 --set base_checkpoint=runs/pico-tiny-stage1/transformer \
-    --export pico_jax/pretrained/pico-tiny
+python train.py --config configs/pico_tiny.py --workdir runs/pico-tiny-v3 --export runs/pico-tiny-v3/export
+
+then pico.json's sampling scorer set to the one chosen on the train split (see README).
+Earlier releases (velocity prediction, two stages) are described in results/pico_tiny_v1 and v2.
 """
 
 from pico_jax.model.flux import FluxConfig
@@ -27,14 +28,15 @@ def get_config() -> TrainConfig:
         text={"kind": "zeros", "length": 1},
         panel=32,
         query_hint=True,
-        steps=2000,
+        prediction="x0_residual",
+        steps=5000,
         batch_size=16,
         lr=1e-3,
         warmup_steps=100,
         ema_decay=0.995,
         log_every=25,
         checkpoint_every=200,
-        sample_every=500,
+        sample_every=1000,
         sample_steps=20,
         data={"kind": "procedural", "families": "train"},
     )
