@@ -5,14 +5,15 @@ shown under the B' mask in the Fill condition; see CanvasLayout.query_hint) and 
 prediction (the network paints B' as an offset from B, zero-initialised, so a fresh model is the
 copy-B baseline; see flow.velocity_from_output).
 
-Sized to train on a 2-core CPU in about 1.5 hours (5000 steps x 16 examples; no GPU was available
-when it was trained); with a GPU, widen it (model.num_heads / head_dim) and train longer.
+Sized to train on a 2-core CPU in under 2 hours (1 h 42 min measured; 5000 steps x 16 examples; no GPU was
+available when it was trained); with a GPU, widen it (model.num_heads / head_dim) and train longer.
 
 The bundled weights (pico_jax/pretrained/pico-tiny) were made with exactly:
 
 python train.py --config configs/pico_tiny.py --workdir runs/pico-tiny-v3 --export runs/pico-tiny-v3/export
 
-then pico.json's sampling scorer set to the one chosen on the train split (see README).
+then, in the exported pico.json, sampling.scorer.signal set to "consensus" (chosen on the train
+split, see README), sampling.steps to 12 (the evaluated setting) and a "training" record added.
 Earlier releases (velocity prediction, two stages) are described in results/pico_tiny_v1 and v2.
 """
 

@@ -568,15 +568,15 @@ def render_markdown(results: dict) -> str:
     return "\n".join(L)
 
 
-def make_sheet(rows: list[dict], min_cell: int = 96) -> np.ndarray:
+def make_sheet(rows: list[dict], min_cell: int = 96,
+               titles: tuple[str, ...] = ("A", "A'", "B", "ours (early)", "truth")) -> np.ndarray:
     """A picture sheet: one row per episode, columns A | A' | B | ours (early) | truth, with the
-    family name (category, split, episode) as the row label; panels upscaled with nearest
-    neighbour to at least ``min_cell`` px."""
+    family name (category, split, episode) as the row label, or the row's own ``lines`` where it
+    has them; panels upscaled with nearest neighbour to at least ``min_cell`` px."""
     from PIL import Image, ImageDraw
 
     from pico_jax.imageio import to_uint8
 
-    titles = ["A", "A'", "B", "ours (early)", "truth"]
     p = rows[0]["panels"][0].shape[0]
     scale = max(1, math.ceil(min_cell / p))
     cell, gap, label_w, head_h = p * scale, 4, 170, 20
@@ -588,10 +588,10 @@ def make_sheet(rows: list[dict], min_cell: int = 96) -> np.ndarray:
         draw.text((label_w + gap + c * (cell + gap) + 4, 4), t, fill=(0, 0, 0))
     for r, row in enumerate(rows):
         y = head_h + gap + r * (cell + gap)
-        split = "held-out" if row["split"] == "heldout" else "train"
-        draw.text((6, y + 4), row["family"], fill=(0, 0, 0))
-        draw.text((6, y + 18), f"{row['category']}, {split}", fill=(80, 80, 80))
-        draw.text((6, y + 32), f"episode {row['index']}", fill=(80, 80, 80))
+        lines = row.get("lines") or [row["family"], f"{row['category']}, {'held-out' if row['split'] == 'heldout' else 'train'}",
+                                     f"episode {row['index']}"]
+        for j, text in enumerate(lines):
+            draw.text((6, y + 4 + 14 * j), text, fill=(0, 0, 0) if j == 0 else (80, 80, 80))
         for c, panel in enumerate(row["panels"]):
             a = to_uint8(np.nan_to_num(np.asarray(panel, np.float32)))
             im = Image.fromarray(np.ascontiguousarray(a)).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST)

@@ -27,15 +27,12 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", help="a pico checkpoint directory (default: the bundled pico-tiny)")
     ap.add_argument("--examples", default=str(ROOT / "assets" / "examples"), help="folder of <family>/ triples")
     ap.add_argument("--seeds", type=int, default=4, help="candidates per query (the checkpoint's scorer picks one)")
-    ap.add_argument("--scale", type=int, default=3, help="pixel repetition of the panels on the sheet")
     ap.add_argument("--out", default=str(ROOT / "results" / "bundled_examples.png"))
     args = ap.parse_args(argv)
 
-    from PIL import Image, ImageDraw
-
     from pico_jax import Pipeline
     from pico_jax.data.relations import FAMILIES
-    from pico_jax.eval import metrics_for
+    from pico_jax.eval import make_sheet, metrics_for
     from pico_jax.imageio import load_image, save_png_atomic
 
     folders = sorted(p for p in Path(args.examples).iterdir() if p.is_dir() and (p / "B_out.png").exists())
@@ -43,29 +40,17 @@ def main(argv=None) -> int:
         print(f"bundled_examples.py: error: no <family>/B_out.png triples under {args.examples}", file=sys.stderr)
         return 2
     pipe = Pipeline.load(args.checkpoint)
-    rows, labels = [], []
+    rows = []
     for d in folders:
         a, a_out, b, truth = (load_image(d / f"{n}.png") for n in ("A", "A_out", "B", "B_out"))
         res = pipe(a, a_out, [b], seeds=args.seeds, keep=1)[0]
         ours = np.clip(res.image, 0, 1)
-        panels = [np.repeat(np.repeat(p, args.scale, 0), args.scale, 1) for p in (a, a_out, b, ours, truth)]
-        gap = np.ones((panels[0].shape[0], 4, 3), np.float32)
-        rows.append(np.concatenate([x for p in panels for x in (p, gap)][:-1], 1))
         kind = FAMILIES[d.name].output_kind if d.name in FAMILIES else "image"
         fmt = (lambda v: f"IoU {v:.2f}") if kind == "mask" else (lambda v: f"{v:.1f} dB")
         ours_s, copy_s = (metrics_for(kind, x, truth)["score"] for x in (ours, b))
-        labels.append(f"{d.name}: ours {fmt(ours_s)}, copy B {fmt(copy_s)}")
-        print(labels[-1], flush=True)
-    label_w = 230
-    h, w = rows[0].shape[:2]
-    sheet = Image.new("RGB", (label_w + w, len(rows) * (h + 6) + 22), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, name in enumerate(["A", "A'", "B", "ours", "truth"]):
-        draw.text((label_w + i * (w + 4) // 5 + 2, 4), name, fill="black")
-    for i, (row, label) in enumerate(zip(rows, labels)):
-        y = 22 + i * (h + 6)
-        sheet.paste(Image.fromarray((row * 255 + 0.5).astype(np.uint8)), (label_w, y))
-        draw.text((6, y + h // 2 - 6), label, fill="black")
+        rows.append({"panels": [a, a_out, b, ours, truth], "lines": [d.name, f"ours {fmt(ours_s)}", f"copy B {fmt(copy_s)}"]})
+        print(f"{d.name}: ours {fmt(ours_s)}, copy B {fmt(copy_s)}", flush=True)
+    sheet = make_sheet(rows, titles=("A", "A'", "B", "ours", "truth"))
     save_png_atomic(sheet, args.out)
     print(f"wrote {args.out}")
     return 0
