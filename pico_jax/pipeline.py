@@ -101,6 +101,7 @@ class CanvasLayout:
             len(grid.GROUP_NAMES),
             capture_layers=capture_layers,
             panel_tokens=grid.panel_token_indices(h, w) + num_text,
+            key_maps=False,  # the scorers read group_mass only
         )
 
 

@@ -65,6 +65,10 @@ class AttentionHooks:
     clone_scale: jax.Array | None = None  # () float
     num_groups: int = flax.struct.field(pytree_node=False, default=5)
     clones: tuple[Clone, ...] = flax.struct.field(pytree_node=False, default=())
+    # False: capture only group_mass (key_map stays zeros). The per-key maps contract the (N, N)
+    # probabilities over queries, a second pass over them that costs as much as the attention's
+    # own on CPU; group_mass alone rides on the value product (see explicit_attention).
+    key_maps: bool = flax.struct.field(pytree_node=False, default=True)
 
     @classmethod
     def make(
@@ -78,6 +82,7 @@ class AttentionHooks:
         panel_tokens=None,
         clones: tuple[Clone, ...] = (),
         clone_scale: float = 1.0,
+        key_maps: bool = True,
     ) -> "AttentionHooks":
         """Build hooks from layer index lists (negative indices count from the end)."""
 
@@ -101,6 +106,7 @@ class AttentionHooks:
             clone_scale=jnp.asarray(clone_scale, jnp.float32),
             num_groups=num_groups,
             clones=tuple(Clone(*c) for c in clones),
+            key_maps=key_maps,
         )
 
     def gated(self, on) -> "AttentionHooks":
@@ -146,6 +152,30 @@ def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str
     return "xla"
 
 
+# One (batch chunk, head) map step's fp32 logits stay under this many bytes, so they live in
+# cache: best-of-8 sampling vmaps 8 seeds into the batch, and 8 × 1025² logits (34 MB) do not.
+LOGITS_BUDGET_BYTES = 8 << 20
+
+
+def _batch_chunk(batch: int, num_tokens: int) -> int:
+    """Largest divisor of `batch` whose (chunk, N, N) fp32 logits fit LOGITS_BUDGET_BYTES (≥ 1)."""
+    fits = max(1, LOGITS_BUDGET_BYTES // (4 * num_tokens * num_tokens))
+    return max(c for c in range(1, batch + 1) if batch % c == 0 and c <= fits)
+
+
+def map_heads(fn, heads_first: tuple, num_tokens: int):
+    """lax.map of `fn` over heads and, where one head's logits would overflow the cache, over
+    chunks of the batch too. Inputs are (H, B, ...); fn's outputs have a leading batch axis;
+    returns outputs of shape (H, B, ...)."""
+    h, b = heads_first[0].shape[:2]
+    c = _batch_chunk(b, num_tokens)
+    if c == b:
+        return jax.lax.map(fn, heads_first)
+    split = tuple(x.reshape(h * (b // c), c, *x.shape[2:]) for x in heads_first)
+    outs = jax.lax.map(fn, split)
+    return jax.tree.map(lambda y: y.reshape(h, b, *y.shape[2:]), outs)
+
+
 def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Head-by-head attention forward; returns (out (B, N, H, D), logsumexp (H, B, N) fp32)."""
     scale = 1.0 / np.sqrt(q.shape[-1])
@@ -159,7 +189,7 @@ def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Arr
         out = jnp.einsum("bqk,bkd->bqd", e, vh.astype(jnp.float32)) / total
         return out.astype(q.dtype), (m + jnp.log(total))[..., 0]
 
-    out, lse = jax.lax.map(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)))
+    out, lse = map_heads(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)), q.shape[1])
     return jnp.moveaxis(out, 0, 2), lse
 
 
@@ -201,7 +231,7 @@ def _headwise_bwd(residuals, d_out):
         return dq, dk, dv
 
     heads_first = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, out, d_out))
-    dq, dk, dv = jax.lax.map(one_head, (*heads_first, lse))
+    dq, dk, dv = map_heads(one_head, (*heads_first, lse), q.shape[1])
     return tuple(jnp.moveaxis(g, 0, 2).astype(x.dtype) for g, x in zip((dq, dk, dv), (q, k, v)))
 
 
@@ -242,18 +272,31 @@ def explicit_attention(
     query_avg = (onehot / counts).T  # (G, N): mean over the queries of a group
     scale = 1.0 / np.sqrt(d)
 
+    edits = hooks.logit_bias is not None or bool(hooks.clones)
+
     def one_head(qkv_h):
-        qh, kh, vh = qkv_h  # (B, N, D)
+        qh, kh, vh = qkv_h  # (c, N, D): c = a chunk of the batch
+        c = qh.shape[0]
         logits = jnp.einsum("bqd,bkd->bqk", qh, kh, preferred_element_type=jnp.float32) * scale
-        logits = jax.lax.cond(edit_on, lambda l: _edit_logits(l, hooks), lambda l: l, logits)
-        probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bqk,bkd->bqd", probs.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-        key_map = jnp.einsum("gq,bqk->bgk", query_avg, probs)  # (B, G, N)
-        group_mass = jnp.einsum("bgk,kh->bgh", key_map, onehot)  # (B, G, G)
+        if edits:  # capture-only hooks (the scorer's) skip the branch, so the logits stay fusible
+            logits = jax.lax.cond(edit_on, lambda l: _edit_logits(l, hooks), lambda l: l, logits)
+        # Unnormalised exponentials, as in the headwise kernel: the 1/rowsum goes onto the (N, D)
+        # output and the (N, G) group masses, never over the (N, N) map. The group masses ride on
+        # the value product: e @ [v | one-hot of key groups] reads the exponentials once.
+        e = jnp.exp(logits - logits.max(-1, keepdims=True))
+        inv_total = 1.0 / e.sum(-1)  # (B, N)
+        values = jnp.concatenate([vh.astype(jnp.float32), jnp.broadcast_to(onehot, (c, n, onehot.shape[1]))], -1)
+        product = jnp.einsum("bqk,bkd->bqd", e, values) * inv_total[..., None]
+        out, query_mass = product[..., :d], product[..., d:]  # (B, N, D), (B, N, G): mass per key group
+        group_mass = jnp.einsum("gq,bqh->bgh", query_avg, query_mass)  # (B, G, G)
+        if hooks.key_maps:
+            key_map = jnp.einsum("gq,bq,bqk->bgk", query_avg, inv_total, e)  # (B, G, N)
+        else:
+            key_map = jnp.zeros((c, hooks.num_groups, n), jnp.float32)
         return out.astype(q.dtype), group_mass, key_map
 
     per_head = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v))  # (H, B, N, D)
-    out, group_mass, key_map = jax.lax.map(one_head, per_head)
+    out, group_mass, key_map = map_heads(one_head, per_head, n)
     out = jnp.moveaxis(out, 0, 2)  # (B, N, H, D)
     on = jnp.asarray(capture_on, jnp.float32)
     return out, (group_mass.mean(0) * on, key_map.mean(0) * on)
