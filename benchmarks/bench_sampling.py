@@ -75,6 +75,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per mode (median reported)")
     ap.add_argument("--double", type=int, default=2, help="double-stream blocks")
     ap.add_argument("--single", type=int, default=4, help="single-stream blocks")
+    ap.add_argument("--skip-full", action="store_true",
+                    help="skip best-of-S full sampling (the slowest mode; its ratios are not printed)")
     args = ap.parse_args()
     T, S, m, k = args.steps, args.seeds, args.keep, args.score_steps
 
@@ -103,17 +105,21 @@ def main():
           f"median of {args.repeat} run(s) after compile")
 
     graphdef, state = nnx.split(model)
+    ONE, FULL, EARLY, CAPTURE, CONSENSUS = "one", "full", "early", "capture", "consensus"
     plans = {
-        "one (random)": (SamplingPlan(steps=T, seeds=S, keep=1, selection="random"), seeds),
-        f"best-of-{S} full": (SamplingPlan(steps=T, seeds=S, keep=m, selection="full", scorer=ScorerConfig(steps=k)), seeds),
-        f"best-of-{S} early (m={m})": (SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
-                                                   scorer=ScorerConfig(steps=k)), seeds),
-        "1 seed full + capture": (SamplingPlan(steps=T, seeds=1, keep=1, selection="full"), seeds[:1]),
-        f"best-of-{S} early consensus": (SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
-                                                      scorer=ScorerConfig(steps=k, signal="consensus")), seeds),
+        ONE: ("one (random)", SamplingPlan(steps=T, seeds=S, keep=1, selection="random"), seeds),
+        FULL: (f"best-of-{S} full", SamplingPlan(steps=T, seeds=S, keep=m, selection="full",
+                                                 scorer=ScorerConfig(steps=k)), seeds),
+        EARLY: (f"best-of-{S} early (m={m})", SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
+                                                          scorer=ScorerConfig(steps=k)), seeds),
+        CAPTURE: ("1 seed full + capture", SamplingPlan(steps=T, seeds=1, keep=1, selection="full"), seeds[:1]),
+        CONSENSUS: (f"best-of-{S} early consensus", SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
+                                                                 scorer=ScorerConfig(steps=k, signal="consensus")), seeds),
     }
+    if args.skip_full:
+        del plans[FULL]
     times, calls, flops = {}, {}, {}
-    for name, (plan, sd) in plans.items():
+    for key, (name, plan, sd) in plans.items():
         plan = plan.validate()
         fn = jax.jit(lambda st, c, kn, s, plan=plan: sample(nnx.merge(graphdef, st), c, kn, text, s, layout, plan))
         jaxpr = jax.make_jaxpr(fn)(state, cond, known, sd).jaxpr
@@ -134,18 +140,19 @@ def main():
               f"compile+first {compile_s:.1f} s)  model calls {calls[name]:.0f}, matmul {flops[name] / 1e12:.3f} TFLOP",
               flush=True)
 
-    one, full, early, cap, early_cons = (times[n] for n in plans)
+    t = {key: times[name] for key, (name, _, _) in plans.items()}
+    f = {key: flops[name] for key, (name, _, _) in plans.items()}
     ideal = (S * k + m * (T - k)) / T
     print("ratios (wall time):")
-    print(f"  early / one  = {early / one:6.2f}   (ideal model-call ratio (S·k + m·(T−k))/T = {ideal:.2f})")
-    print(f"  full  / one  = {full / one:6.2f}   (ideal S = {S})")
-    print(f"  early / full = {early / full:6.3f}   (ideal {ideal / S:.3f})")
-    print(f"  early consensus / one = {early_cons / one:6.2f}   (no attention capture; same ideal {ideal:.2f})")
-    print(f"  capture hook: 1 seed, {T} steps, capture on all steps / no hooks = {cap / one:.2f}")
-    f_one, f_full, f_early, f_cap, _ = (flops[n] for n in plans)
-    print(f"ratios (traced matmul FLOPs): early/one {f_early / f_one:.2f}, full/one {f_full / f_one:.2f}, "
-          f"early/full {f_early / f_full:.3f}, capture/none {f_cap / f_one:.2f}")
-
+    print(f"  early / one  = {t[EARLY] / t[ONE]:6.2f}   (ideal model-call ratio (S·k + m·(T−k))/T = {ideal:.2f})")
+    if FULL in t:
+        print(f"  full  / one  = {t[FULL] / t[ONE]:6.2f}   (ideal S = {S})")
+        print(f"  early / full = {t[EARLY] / t[FULL]:6.3f}   (ideal {ideal / S:.3f})")
+    print(f"  early consensus / one = {t[CONSENSUS] / t[ONE]:6.2f}   (no attention capture; same ideal {ideal:.2f})")
+    print(f"  capture hook: 1 seed, {T} steps, capture on all steps / no hooks = {t[CAPTURE] / t[ONE]:.2f}")
+    full_flops = f", full/one {f[FULL] / f[ONE]:.2f}, early/full {f[EARLY] / f[FULL]:.3f}" if FULL in f else ""
+    print(f"ratios (traced matmul FLOPs): early/one {f[EARLY] / f[ONE]:.2f}{full_flops}, "
+          f"capture/none {f[CAPTURE] / f[ONE]:.2f}")
 
 if __name__ == "__main__":
     main()
