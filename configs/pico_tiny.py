@@ -5,16 +5,21 @@ shown under the B' mask in the Fill condition; see CanvasLayout.query_hint) and 
 prediction (the network paints B' as an offset from B, zero-initialised, so a fresh model is the
 copy-B baseline; see flow.velocity_from_output).
 
-Sized to train on a 2-core CPU in under 2 hours (1 h 42 min measured; 5000 steps x 16 examples; no GPU was
-available when it was trained); with a GPU, widen it (model.num_heads / head_dim) and train longer.
+Sized to train on a 2-core CPU (no GPU was available): 5000 steps x 16 examples from scratch
+(1 h 42 min), then 3000 more at a lower peak rate (42 min); with a GPU, widen it (model.num_heads /
+head_dim) and train longer in one stage.
 
-The bundled weights (pico_jax/pretrained/pico-tiny) were made with exactly:
+The bundled weights (pico_jax/pretrained/pico-tiny, release v4) were made with exactly:
 
 python train.py --config configs/pico_tiny.py --workdir runs/pico-tiny-v3 --export runs/pico-tiny-v3/export
+python train.py --config configs/pico_tiny.py --workdir runs/pico-tiny-v4 \
+    --set base_checkpoint=runs/pico-tiny-v3/export/transformer --set seed=1 --set warmup_steps=50 \
+    --steps 3000 --lr 3e-4 --export runs/pico-tiny-v4/export
 
-then, in the exported pico.json, sampling.scorer.signal set to "consensus" (chosen on the train
-split, see README), sampling.steps to 12 (the evaluated setting) and a "training" record added.
-Earlier releases (velocity prediction, two stages) are described in results/pico_tiny_v1 and v2.
+(the second stage is a warm restart: the first stage's EMA weights, a fresh optimizer, new data
+seed), then, in the exported pico.json, sampling.scorer.signal set to "consensus" (chosen on the
+train split, see README), sampling.steps to 12 (the evaluated setting) and a "training" record
+added. Earlier releases are described in results/pico_tiny_v1, v2 and v3 (v3 = the first stage).
 """
 
 from pico_jax.model.flux import FluxConfig
