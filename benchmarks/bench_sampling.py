@@ -154,5 +154,6 @@ def main():
     print(f"ratios (traced matmul FLOPs): early/one {f[EARLY] / f[ONE]:.2f}{full_flops}, "
           f"capture/none {f[CAPTURE] / f[ONE]:.2f}")
 
+
 if __name__ == "__main__":
     main()

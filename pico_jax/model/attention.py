@@ -152,30 +152,6 @@ def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str
     return "xla"
 
 
-# One (batch chunk, head) map step's fp32 logits stay under this many bytes, so they live in
-# cache: best-of-8 sampling vmaps 8 seeds into the batch, and 8 × 1025² logits (34 MB) do not.
-LOGITS_BUDGET_BYTES = 8 << 20
-
-
-def _batch_chunk(batch: int, num_tokens: int) -> int:
-    """Largest divisor of `batch` whose (chunk, N, N) fp32 logits fit LOGITS_BUDGET_BYTES (≥ 1)."""
-    fits = max(1, LOGITS_BUDGET_BYTES // (4 * num_tokens * num_tokens))
-    return max(c for c in range(1, batch + 1) if batch % c == 0 and c <= fits)
-
-
-def map_heads(fn, heads_first: tuple, num_tokens: int):
-    """lax.map of `fn` over heads and, where one head's logits would overflow the cache, over
-    chunks of the batch too. Inputs are (H, B, ...); fn's outputs have a leading batch axis;
-    returns outputs of shape (H, B, ...)."""
-    h, b = heads_first[0].shape[:2]
-    c = _batch_chunk(b, num_tokens)
-    if c == b:
-        return jax.lax.map(fn, heads_first)
-    split = tuple(x.reshape(h * (b // c), c, *x.shape[2:]) for x in heads_first)
-    outs = jax.lax.map(fn, split)
-    return jax.tree.map(lambda y: y.reshape(h, b, *y.shape[2:]), outs)
-
-
 def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Head-by-head attention forward; returns (out (B, N, H, D), logsumexp (H, B, N) fp32)."""
     scale = 1.0 / np.sqrt(q.shape[-1])
@@ -189,7 +165,7 @@ def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Arr
         out = jnp.einsum("bqk,bkd->bqd", e, vh.astype(jnp.float32)) / total
         return out.astype(q.dtype), (m + jnp.log(total))[..., 0]
 
-    out, lse = map_heads(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)), q.shape[1])
+    out, lse = jax.lax.map(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)))
     return jnp.moveaxis(out, 0, 2), lse
 
 
@@ -231,7 +207,7 @@ def _headwise_bwd(residuals, d_out):
         return dq, dk, dv
 
     heads_first = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, out, d_out))
-    dq, dk, dv = map_heads(one_head, (*heads_first, lse), q.shape[1])
+    dq, dk, dv = jax.lax.map(one_head, (*heads_first, lse))
     return tuple(jnp.moveaxis(g, 0, 2).astype(x.dtype) for g, x in zip((dq, dk, dv), (q, k, v)))
 
 
@@ -275,8 +251,7 @@ def explicit_attention(
     edits = hooks.logit_bias is not None or bool(hooks.clones)
 
     def one_head(qkv_h):
-        qh, kh, vh = qkv_h  # (c, N, D): c = a chunk of the batch
-        c = qh.shape[0]
+        qh, kh, vh = qkv_h  # (B, N, D)
         logits = jnp.einsum("bqd,bkd->bqk", qh, kh, preferred_element_type=jnp.float32) * scale
         if edits:  # capture-only hooks (the scorer's) skip the branch, so the logits stay fusible
             logits = jax.lax.cond(edit_on, lambda l: _edit_logits(l, hooks), lambda l: l, logits)
@@ -285,18 +260,20 @@ def explicit_attention(
         # the value product: e @ [v | one-hot of key groups] reads the exponentials once.
         e = jnp.exp(logits - logits.max(-1, keepdims=True))
         inv_total = 1.0 / e.sum(-1)  # (B, N)
-        values = jnp.concatenate([vh.astype(jnp.float32), jnp.broadcast_to(onehot, (c, n, onehot.shape[1]))], -1)
-        product = jnp.einsum("bqk,bkd->bqd", e, values) * inv_total[..., None]
+        # In the value dtype (bf16 on GPU: a tensor-core product, fp32 accumulation); 0/1 is exact.
+        values = jnp.concatenate([vh, jnp.broadcast_to(onehot.astype(vh.dtype), (b, n, onehot.shape[1]))], -1)
+        product = jnp.einsum("bqk,bkd->bqd", e.astype(vh.dtype), values,
+                             preferred_element_type=jnp.float32) * inv_total[..., None]
         out, query_mass = product[..., :d], product[..., d:]  # (B, N, D), (B, N, G): mass per key group
         group_mass = jnp.einsum("gq,bqh->bgh", query_avg, query_mass)  # (B, G, G)
         if hooks.key_maps:
             key_map = jnp.einsum("gq,bq,bqk->bgk", query_avg, inv_total, e)  # (B, G, N)
         else:
-            key_map = jnp.zeros((c, hooks.num_groups, n), jnp.float32)
+            key_map = jnp.zeros((b, hooks.num_groups, n), jnp.float32)
         return out.astype(q.dtype), group_mass, key_map
 
     per_head = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v))  # (H, B, N, D)
-    out, group_mass, key_map = map_heads(one_head, per_head, n)
+    out, group_mass, key_map = jax.lax.map(one_head, per_head)
     out = jnp.moveaxis(out, 0, 2)  # (B, N, H, D)
     on = jnp.asarray(capture_on, jnp.float32)
     return out, (group_mass.mean(0) * on, key_map.mean(0) * on)
