@@ -34,7 +34,7 @@ from flax import nnx
 from pico_jax import grid
 from pico_jax.model.autoencoder import PixelAutoencoder
 from pico_jax.model.flux import FluxConfig, FluxTransformer, count_params
-from pico_jax.pipeline import CanvasLayout, SamplingPlan, TextConditioning, fill_condition, sample
+from pico_jax.pipeline import CanvasLayout, SamplingPlan, TextConditioning, fill_condition, sample, seed_batch_for_backend
 from pico_jax.scorer import ScorerConfig
 
 
@@ -75,6 +75,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per mode (median reported)")
     ap.add_argument("--double", type=int, default=2, help="double-stream blocks")
     ap.add_argument("--single", type=int, default=4, help="single-stream blocks")
+    ap.add_argument("--seed-batch", type=int, default=None,
+                    help="seeds run together in the scored phase (default: the backend's choice, "
+                         "pipeline.seed_batch_for_backend); an extra early-selection row always runs all S together")
     ap.add_argument("--skip-full", action="store_true",
                     help="skip best-of-S full sampling (the slowest mode; its ratios are not printed)")
     args = ap.parse_args()
@@ -105,19 +108,26 @@ def main():
           f"median of {args.repeat} run(s) after compile")
 
     graphdef, state = nnx.split(model)
-    ONE, FULL, EARLY, CAPTURE, CONSENSUS = "one", "full", "early", "capture", "consensus"
+    sb = args.seed_batch or seed_batch_for_backend(S)
+    print(f"seed batch (scored phase): {sb} of {S} seeds at a time")
+    ONE, FULL, EARLY, EARLY_ALL, CAPTURE, CONSENSUS = "one", "full", "early", "early_all", "capture", "consensus"
     plans = {
         ONE: ("one (random)", SamplingPlan(steps=T, seeds=S, keep=1, selection="random"), seeds),
-        FULL: (f"best-of-{S} full", SamplingPlan(steps=T, seeds=S, keep=m, selection="full",
+        FULL: (f"best-of-{S} full", SamplingPlan(steps=T, seeds=S, keep=m, selection="full", seed_batch=sb,
                                                  scorer=ScorerConfig(steps=k)), seeds),
-        EARLY: (f"best-of-{S} early (m={m})", SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
+        EARLY: (f"best-of-{S} early (m={m})", SamplingPlan(steps=T, seeds=S, keep=m, selection="early", seed_batch=sb,
                                                           scorer=ScorerConfig(steps=k)), seeds),
+        EARLY_ALL: (f"  same, {S} seeds vmapped", SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
+                                                              seed_batch=S, scorer=ScorerConfig(steps=k)), seeds),
         CAPTURE: ("1 seed full + capture", SamplingPlan(steps=T, seeds=1, keep=1, selection="full"), seeds[:1]),
         CONSENSUS: (f"best-of-{S} early consensus", SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
+                                                                 seed_batch=sb,
                                                                  scorer=ScorerConfig(steps=k, signal="consensus")), seeds),
     }
     if args.skip_full:
         del plans[FULL]
+    if sb == S:
+        del plans[EARLY_ALL]
     times, calls, flops = {}, {}, {}
     for key, (name, plan, sd) in plans.items():
         plan = plan.validate()
@@ -145,11 +155,15 @@ def main():
     ideal = (S * k + m * (T - k)) / T
     print("ratios (wall time):")
     print(f"  early / one  = {t[EARLY] / t[ONE]:6.2f}   (ideal model-call ratio (S·k + m·(T−k))/T = {ideal:.2f})")
+    if EARLY_ALL in t:
+        print(f"  early, all {S} seeds vmapped / one = {t[EARLY_ALL] / t[ONE]:6.2f}   "
+              f"(seed batch {sb} is {t[EARLY_ALL] / t[EARLY]:.2f}x faster)")
     if FULL in t:
         print(f"  full  / one  = {t[FULL] / t[ONE]:6.2f}   (ideal S = {S})")
         print(f"  early / full = {t[EARLY] / t[FULL]:6.3f}   (ideal {ideal / S:.3f})")
     print(f"  early consensus / one = {t[CONSENSUS] / t[ONE]:6.2f}   (no attention capture; same ideal {ideal:.2f})")
-    print(f"  capture hook: 1 seed, {T} steps, capture on all steps / no hooks = {t[CAPTURE] / t[ONE]:.2f}")
+    print(f"  capture hook: 1 seed, {T} steps, capture on all steps / no hooks = {t[CAPTURE] / t[ONE]:.3f} "
+          f"({100 * (t[CAPTURE] / t[ONE] - 1):+.1f} %)")
     full_flops = f", full/one {f[FULL] / f[ONE]:.2f}, early/full {f[EARLY] / f[FULL]:.3f}" if FULL in f else ""
     print(f"ratios (traced matmul FLOPs): early/one {f[EARLY] / f[ONE]:.2f}{full_flops}, "
           f"capture/none {f[CAPTURE] / f[ONE]:.2f}")

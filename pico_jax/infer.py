@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'consensus' (the seed whose clean estimate agrees best with the others')")
     s.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed..seed+N-1 (default 0)")
     s.add_argument("--guidance", type=float, help="guidance value for guidance-distilled FLUX bases")
+    s.add_argument("--seed-batch", type=int, metavar="K",
+                   help="seeds run together while scoring (default: 1 on CPU, all on GPU/TPU); same results, "
+                        "only speed and memory change")
     p.add_argument("--batch-size", type=int, default=4, help="queries per compiled batch (default 4)")
     p.add_argument("--save-candidates", action="store_true", help="also write OUT/<query>_cand<i>.png for the kept seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -222,7 +225,7 @@ def main(argv=None) -> int:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2
 
-    overrides = {k: getattr(args, k) for k in ("seeds", "steps", "keep", "selection", "guidance") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("seeds", "steps", "keep", "selection", "guidance", "seed_batch") if getattr(args, k) is not None}
     plan = dataclasses.replace(pipe.plan, **overrides)
     if args.score_steps is not None:
         plan = dataclasses.replace(plan, scorer=dataclasses.replace(plan.scorer, steps=args.score_steps))

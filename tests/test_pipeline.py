@@ -28,6 +28,7 @@ from pico_jax.pipeline import (
     encode_tokens,
     fill_condition,
     sample,
+    seed_batch_for_backend,
     seed_noise,
 )
 from pico_jax.safetensors_io import CheckpointError
@@ -128,6 +129,27 @@ def test_vmap_over_seeds_equals_seeds_one_by_one(model, conditioned, text, layou
     assert np.all((sc > 0) & (sc < 1)) and np.ptp(sc) > 0
     # The kept order is best first.
     assert np.all(np.diff(np.take_along_axis(sc, np.asarray(together.chosen), 0), axis=0) <= 0)
+
+
+@pytest.mark.parametrize("selection", ["full", "early"])
+def test_seed_batch_changes_speed_not_results(selection, model, conditioned, text, layout):
+    """Seeds in a loop one at a time, in chunks with a remainder (3 + 1), or all vmapped together:
+    the same scores, choices and samples (seed_batch only moves work between loop and batch)."""
+    cond, known = conditioned
+    seeds = [3, 5, 11, 12]
+    keep = S if selection == "full" else 2
+    runs = {sb: run_sample(model, cond, known, text, seeds, layout,
+                           dataclasses.replace(_plan(selection, keep=keep), seed_batch=sb)) for sb in (1, 3, S)}
+    for sb in (1, 3):
+        np.testing.assert_array_equal(runs[sb].chosen, runs[S].chosen)
+        np.testing.assert_allclose(runs[sb].scores, runs[S].scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(runs[sb].tokens, runs[S].tokens, rtol=1e-5, atol=1e-5)
+    assert np.ptp(np.asarray(runs[1].scores)) > 0  # the seeds really differ, so the order is a real check
+
+
+def test_seed_batch_default_per_backend():
+    assert seed_batch_for_backend(8, "cpu") == 1
+    assert seed_batch_for_backend(8, "gpu") == 8 and seed_batch_for_backend(8, "tpu") == 8
 
 
 def test_query_hint_shows_b_under_the_bprime_mask_and_changes_nothing_else(ae, layout, canvases):
@@ -333,6 +355,8 @@ def test_sampling_plan_validation():
     with pytest.raises(ValueError, match="scorer steps"):
         SamplingPlan(steps=4, scorer=ScorerConfig(steps=5)).validate()
     SamplingPlan(steps=4, selection="full", scorer=ScorerConfig(steps=5)).validate()  # k unused by full
+    with pytest.raises(ValueError, match="seed_batch"):
+        SamplingPlan(seed_batch=0).validate()
 
 
 # ----------------------------------------------------------------------------- known panels
