@@ -25,6 +25,12 @@ trajectories). Metrics: see :func:`metrics_for`. Statistics: see :func:`summariz
 
 Outputs (all written atomically): OUT/results.json, OUT/results.md, OUT/sheet_<split>.png.
 API: :func:`evaluate` (used by the CLI; training experiments can call it on a Pipeline).
+
+Evaluations of the same checkpoint and settings over disjoint episode ranges (``--episode-offset``,
+e.g. run on several machines, or a fresh confirmation set next to the reported one) pool into one
+table, with every statistic recomputed over all their episodes (:func:`merge_results`):
+
+    python -m pico_jax.eval --merge runs/a/results.json runs/b/results.json --out runs/ab
 """
 
 from __future__ import annotations
@@ -627,6 +633,89 @@ def write_outputs(results: dict, out_dir: str | os.PathLike, sheet_rows: list[di
     return {k: str(v) for k, v in paths.items()}
 
 
+# ============================================================================ merging
+# Settings that must agree for episodes to be pooled (the plans without seed_batch, which only
+# moves work between a loop and a batch).
+MERGE_KEYS = ("split", "seeds", "episode_size", "model_panel", "ae_factor", "policy", "diffusion_seeds",
+              "plan_early", "plan_full", "random_seed_rng", "psnr_cap_db", "tie_tolerance", "checkpoint")
+
+
+def _merge_view(settings: dict, key: str):
+    v = settings.get(key)
+    if key.startswith("plan_") and isinstance(v, dict):
+        v = {k: x for k, x in v.items() if k != "seed_batch"}
+    return v
+
+
+def merge_results(parts: Sequence[dict], names: Sequence[str] | None = None,
+                  n_boot: int = 10000, stats_seed: int = 0) -> dict:
+    """Pool the episodes of several `evaluate` results of the same checkpoint and settings (same
+    families, disjoint episode indices) and summarize them again. `names` label the parts in
+    errors and in settings["merged_from"]. Raises ValueError naming the part, key or family."""
+    if len(parts) < 2:
+        raise ValueError("merging needs at least two results")
+    names = list(names) if names is not None else [f"part {i}" for i in range(len(parts))]
+    first, ref = parts[0], parts[0]["settings"]
+    for name, part in zip(names[1:], parts[1:]):
+        for key in MERGE_KEYS:
+            if _merge_view(part["settings"], key) != _merge_view(ref, key):
+                raise ValueError(f"{name}: settings[{key!r}] = {_merge_view(part['settings'], key)!r} differs from "
+                                 f"{names[0]}'s {_merge_view(ref, key)!r}; only evaluations of the same checkpoint "
+                                 "and settings can be pooled")
+        if list(part["families"]) != list(first["families"]):
+            raise ValueError(f"{name}: families {list(part['families'])} differ from {names[0]}'s {list(first['families'])}")
+    families = {}
+    for fam, info in first["families"].items():
+        episodes, seen = [], {}
+        for name, part in zip(names, parts):
+            for ep in part["families"][fam]["episodes"]:
+                if ep["index"] in seen:
+                    raise ValueError(f"{name}: family {fam!r} episode {ep['index']} is also in {seen[ep['index']]}; "
+                                     "merged evaluations must cover disjoint episodes (--episode-offset)")
+                seen[ep["index"]] = name
+                episodes.append(ep)
+        families[fam] = {**{k: v for k, v in info.items() if k != "episodes"},
+                         "episodes": sorted(episodes, key=lambda e: e["index"])}
+    counts = {len(f["episodes"]) for f in families.values()}
+    settings = {
+        **ref,
+        "episodes": counts.pop() if len(counts) == 1 else sorted(counts),
+        "episode_seeds": "; ".join(p["settings"]["episode_seeds"] for p in parts),
+        "bootstrap": {**ref["bootstrap"], "n_boot": n_boot, "seed": stats_seed},
+        "seconds": {"total": round(sum(p["settings"]["seconds"]["total"] for p in parts), 2),
+                    "note": "sum over the merged evaluations"},
+        "merged_from": names,
+    }
+    results = {"families": families, "settings": settings}
+    results["summary"] = summarize(families, n_boot=n_boot, seed=stats_seed)
+    return _jsonable(results)
+
+
+def merge_main(paths: Sequence[str], out_dir: str, n_boot: int) -> int:
+    parts = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                parts.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"pico_jax.eval: error: --merge {path}: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(parts[-1], dict) or not {"families", "settings"} <= set(parts[-1]):
+            print(f"pico_jax.eval: error: --merge {path}: not an evaluation results.json", file=sys.stderr)
+            return 2
+    try:
+        res = merge_results(parts, names=list(paths), n_boot=n_boot)
+    except (ValueError, KeyError) as e:
+        print(f"pico_jax.eval: error: --merge: {e}", file=sys.stderr)
+        return 2
+    write_outputs(res, out_dir)
+    b = res["summary"]["beats_best_baseline"]
+    print(f"merged {len(parts)} evaluations ({res['settings']['episodes']} episodes per family): ours (early) beats "
+          f"the best no-learning baseline on {b['ours_early']['count']} of {b['ours_early']['of']} families, "
+          f"ours (full) on {b['ours_full']['count']}; wrote {out_dir}/results.json, results.md")
+    return 0
+
+
 # ============================================================================ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -651,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sheet-episodes", type=int, default=3, help="episodes per family on the picture sheet (default 3)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap replicates (default 10000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="evaluate nothing: pool these results.json files (same checkpoint and settings, disjoint "
+                        "episodes) into OUT/results.json and results.md")
     return p
 
 
@@ -661,6 +753,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def fail(msg: str) -> int:
         print(f"pico_jax.eval: error: {msg}", file=sys.stderr)
         return 2
+
+    if args.merge:
+        if args.bootstrap < 1:
+            return fail(f"--bootstrap must be at least 1 (got {args.bootstrap})")
+        return merge_main(args.merge, args.out, args.bootstrap)
 
     for flag in ("episodes", "seeds", "steps", "score_steps", "panel_size", "batch_size", "bootstrap"):
         v = getattr(args, flag)

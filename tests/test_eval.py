@@ -2,6 +2,7 @@
 threshold, bootstrap and win rates, and evaluate() / the CLI end to end on a random tiny pico
 checkpoint (2 families: one mask, one image; 2 episodes; 2 seeds)."""
 
+import copy
 import json
 import os
 import subprocess
@@ -236,3 +237,58 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
     assert "score-steps" in capsys.readouterr().err
     assert ev.main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert ev.main(["--episodes", "0", "--out", str(tmp_path)]) == 2
+
+
+def _split_in_two(res):
+    """Two results of the same evaluation: episodes [0, 1) and [1, EPISODES) of every family."""
+    parts = []
+    for lo, hi in ((0, 1), (1, None)):
+        part = copy.deepcopy(res)
+        for fam in part["families"].values():
+            fam["episodes"] = fam["episodes"][lo:hi]
+        part["settings"]["episode_seeds"] = f"episodes [{lo}, {hi})"
+        part["summary"] = ev.summarize(part["families"], n_boot=1000)
+        parts.append(part)
+    return parts
+
+
+def test_merge_of_a_split_evaluation_is_the_evaluation(evaluated):
+    res, _ = evaluated
+    a, b = _split_in_two(res)
+    merged = ev.merge_results([b, a], names=["b.json", "a.json"], n_boot=1000)  # order does not matter
+    assert merged["summary"] == ev._jsonable(res["summary"])
+    assert merged["settings"]["episodes"] == EPISODES and merged["settings"]["merged_from"] == ["b.json", "a.json"]
+    for fam in merged["families"].values():
+        assert [e["index"] for e in fam["episodes"]] == list(range(EPISODES))
+
+
+def test_merge_errors_name_the_part_and_key(evaluated):
+    res, _ = evaluated
+    a, b = _split_in_two(res)
+    with pytest.raises(ValueError, match=r"b.json: family '\w+' episode 0 is also in a.json"):
+        ev.merge_results([a, a], names=["a.json", "b.json"])
+    other = copy.deepcopy(b)
+    other["settings"]["plan_full"]["steps"] = 99
+    with pytest.raises(ValueError, match=r"b.json: settings\['plan_full'\]"):
+        ev.merge_results([a, other], names=["a.json", "b.json"])
+    other = copy.deepcopy(b)
+    other["settings"]["plan_early"]["seed_batch"] = 3  # changes speed only: still poolable
+    ev.merge_results([a, other], n_boot=100)
+    with pytest.raises(ValueError, match="at least two"):
+        ev.merge_results([a])
+
+
+def test_cli_merge(evaluated, tmp_path, capsys):
+    res, _ = evaluated
+    paths = []
+    for i, part in enumerate(_split_in_two(res)):
+        paths.append(tmp_path / f"part{i}.json")
+        paths[-1].write_text(json.dumps(part))
+    out = tmp_path / "merged"
+    assert ev.main(["--merge", *map(str, paths), "--out", str(out), "--bootstrap", "1000"]) == 0
+    assert f"({EPISODES} episodes per family)" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["summary"] == ev._jsonable(res["summary"])
+    assert "episodes [0, 1); episodes [1, None)" in (out / "results.md").read_text()
+    (tmp_path / "bad.json").write_text("{not json")
+    assert ev.main(["--merge", str(paths[0]), str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "bad.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
