@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Wall time of PICO sampling modes on a reduced FLUX-Fill-style transformer.
 
-Times (after compilation; median of --repeat runs, block_until_ready) one jitted `sample()` call
+Times (after compilation; median of --repeat interleaved rounds, block_until_ready) one jitted `sample()` call
 for one query:
   one    selection="random": 1 seed, T steps, no scoring (the baseline)
   full   selection="full":   S seeds × T steps, all captured and scored, best m kept
@@ -72,7 +72,8 @@ def main():
     ap.add_argument("--keep", type=int, default=1, help="seeds finished by early selection (m)")
     ap.add_argument("--score-steps", type=int, default=2, help="scorer steps k")
     ap.add_argument("--panel", type=int, default=64, help="panel size P (canvas 2P x 2P, PixelAutoencoder(2))")
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs per mode (median reported)")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="timed rounds; each round runs every mode once (interleaved); medians reported")
     ap.add_argument("--double", type=int, default=2, help="double-stream blocks")
     ap.add_argument("--single", type=int, default=4, help="single-stream blocks")
     ap.add_argument("--seed-batch", type=int, default=None,
@@ -105,7 +106,7 @@ def main():
     print(f"canvas: panel {args.panel} -> {2 * args.panel}^2 pixels, PixelAutoencoder(2) -> "
           f"{layout.num_tokens} image tokens + 1 text token; batch 1 query")
     print(f"sampling: T={T} steps, S={S} seeds, k={k} scorer steps (all {cfg.num_layers} layers captured), m={m} kept; "
-          f"median of {args.repeat} run(s) after compile")
+          f"median of {args.repeat} interleaved round(s) after compile")
 
     graphdef, state = nnx.split(model)
     sb = args.seed_batch or seed_batch_for_backend(S)
@@ -128,7 +129,7 @@ def main():
         del plans[FULL]
     if sb == S:
         del plans[EARLY_ALL]
-    times, calls, flops = {}, {}, {}
+    times, calls, flops, compiled, first = {}, {}, {}, {}, {}
     for key, (name, plan, sd) in plans.items():
         plan = plan.validate()
         fn = jax.jit(lambda st, c, kn, s, plan=plan: sample(nnx.merge(graphdef, st), c, kn, text, s, layout, plan))
@@ -137,18 +138,24 @@ def main():
         calls[name] = dot_flops(jaxpr, cfg.in_channels) / per_call
         flops[name] = dot_flops(jaxpr)
         t0 = time.perf_counter()
-        compiled = fn.lower(state, cond, known, sd).compile()
-        jax.block_until_ready(compiled(state, cond, known, sd))
-        compile_s = time.perf_counter() - t0
-        runs = []
-        for _ in range(args.repeat):
+        compiled[name] = fn.lower(state, cond, known, sd).compile()
+        jax.block_until_ready(compiled[name](state, cond, known, sd))
+        first[name] = time.perf_counter() - t0
+    # Interleaved rounds (every mode once per round), so the machine's drift (a shared host)
+    # spreads over all modes instead of biasing whichever ran last.
+    runs = {name: [] for name, _, _ in plans.values()}
+    for _ in range(args.repeat):
+        for name, _, sd in plans.values():
             t0 = time.perf_counter()
-            jax.block_until_ready(compiled(state, cond, known, sd))
-            runs.append(time.perf_counter() - t0)
-        times[name] = statistics.median(runs)
-        print(f"  {name:<26} {times[name]:8.3f} s  (runs {', '.join(f'{r:.3f}' for r in runs)}; "
-              f"compile+first {compile_s:.1f} s)  model calls {calls[name]:.0f}, matmul {flops[name] / 1e12:.3f} TFLOP",
+            jax.block_until_ready(compiled[name](state, cond, known, sd))
+            runs[name].append(time.perf_counter() - t0)
+    for name, _, _ in plans.values():
+        times[name] = statistics.median(runs[name])
+        print(f"  {name:<26} {times[name]:8.3f} s  (runs {', '.join(f'{r:.3f}' for r in runs[name])}; "
+              f"compile+first {first[name]:.1f} s)  model calls {calls[name]:.0f}, matmul {flops[name] / 1e12:.3f} TFLOP",
               flush=True)
+    # Per-round ratios against the same round's one-sample run: drift within a round is small.
+    per_round = {name: [r / o for r, o in zip(runs[name], runs[plans[ONE][0]])] for name, _, _ in plans.values()}
 
     t = {key: times[name] for key, (name, _, _) in plans.items()}
     f = {key: flops[name] for key, (name, _, _) in plans.items()}
@@ -162,8 +169,13 @@ def main():
         print(f"  full  / one  = {t[FULL] / t[ONE]:6.2f}   (ideal S = {S})")
         print(f"  early / full = {t[EARLY] / t[FULL]:6.3f}   (ideal {ideal / S:.3f})")
     print(f"  early consensus / one = {t[CONSENSUS] / t[ONE]:6.2f}   (no attention capture; same ideal {ideal:.2f})")
+    cap = per_round[plans[CAPTURE][0]]
     print(f"  capture hook: 1 seed, {T} steps, capture on all steps / no hooks = {t[CAPTURE] / t[ONE]:.3f} "
-          f"({100 * (t[CAPTURE] / t[ONE] - 1):+.1f} %)")
+          f"({100 * (t[CAPTURE] / t[ONE] - 1):+.1f} %; per round {', '.join(f'{100 * (c - 1):+.1f}' for c in cap)} %)")
+    cons = per_round[plans[CONSENSUS][0]]
+    early_rounds = per_round[plans[EARLY][0]]
+    print(f"  per round: early / one {', '.join(f'{r:.2f}' for r in early_rounds)}; "
+          f"consensus / one {', '.join(f'{r:.2f}' for r in cons)}")
     full_flops = f", full/one {f[FULL] / f[ONE]:.2f}, early/full {f[EARLY] / f[FULL]:.3f}" if FULL in f else ""
     print(f"ratios (traced matmul FLOPs): early/one {f[EARLY] / f[ONE]:.2f}{full_flops}, "
           f"capture/none {f[CAPTURE] / f[ONE]:.2f}")
