@@ -389,7 +389,7 @@ class Pipeline:
         """Paint B' for every query. Images are arrays in [0, 1], PIL images or paths.
 
         seed: the first seed; seeds are seed, seed+1, ..., seed+S-1. plan_overrides: fields of
-        SamplingPlan (steps, seeds, keep, selection, scorer, guidance, mu)."""
+        SamplingPlan (steps, seeds, keep, selection, scorer, guidance, mu, seed_batch)."""
         plan = dataclasses.replace(self.plan, **plan_overrides).validate()
         canvases = self.canvases(exemplar, exemplar_out, queries)
         return self.run_canvases(canvases, plan, seed, progress)

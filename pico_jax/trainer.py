@@ -78,6 +78,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0: only at the end
     sample_steps: int = 12
+    # The sampling defaults written into an exported checkpoint's pico.json: SamplingPlan fields
+    # over (steps=sample_steps, mu=0), "scorer" a dict of ScorerConfig fields; e.g.
+    # {"steps": 12, "scorer": {"signal": "consensus"}}. Checked when the Trainer is built.
+    export_sampling: dict = dataclasses.field(default_factory=dict)
     inject_nan_at_step: int = -1  # testing aid: make the loss NaN at this step
 
     def to_json(self) -> dict:
@@ -120,6 +124,37 @@ def _parse_like(raw: str, current: Any, key: str):
         return type(current)(raw)
     except ValueError:
         raise ValueError(f"{key}: cannot read {raw!r} as {type(current).__name__}") from None
+
+
+def export_plan(cfg: TrainConfig) -> SamplingPlan:
+    """The sampling plan an export writes: (steps=sample_steps, mu=0) with cfg.export_sampling
+    applied. Errors name the export_sampling key."""
+    from pico_jax.scorer import ScorerConfig
+
+    over = dict(cfg.export_sampling or {})
+    scorer_over = over.pop("scorer", {}) or {}
+    plan_fields = {f.name for f in dataclasses.fields(SamplingPlan)} - {"scorer"}
+    scorer_fields = {f.name for f in dataclasses.fields(ScorerConfig)}
+    for key in over:
+        if key not in plan_fields:
+            raise ValueError(f"export_sampling: unknown key {key!r} (SamplingPlan fields: {', '.join(sorted(plan_fields))})")
+    if not isinstance(scorer_over, dict):
+        raise ValueError(f"export_sampling.scorer must be a dict of ScorerConfig fields (got {scorer_over!r})")
+    for key in scorer_over:
+        if key not in scorer_fields:
+            raise ValueError(f"export_sampling.scorer: unknown key {key!r} (ScorerConfig fields: "
+                             f"{', '.join(sorted(scorer_fields))})")
+    if isinstance(scorer_over.get("layers"), list):
+        scorer_over["layers"] = tuple(scorer_over["layers"])
+    if isinstance(scorer_over.get("weights"), list):
+        scorer_over["weights"] = tuple(scorer_over["weights"])
+    try:
+        scorer = ScorerConfig(**scorer_over)
+        scorer.weight_vector()
+        plan = SamplingPlan(**{"steps": cfg.sample_steps, "mu": 0.0, **over}, scorer=scorer)
+        return plan.validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"export_sampling: {e}") from None
 
 
 # ------------------------------------------------------------------------------ building
@@ -291,6 +326,7 @@ class Trainer:
         self.cfg, self.workdir, self.progress = cfg, Path(workdir), progress
         if cfg.batch_size % max(jax.process_count(), 1):
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {jax.process_count()} hosts")
+        export_plan(cfg)  # a bad export_sampling fails now, not after the run
         self.mesh = make_mesh(cfg.mesh, devices)
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if cfg.batch_size % dp:
@@ -392,7 +428,7 @@ class Trainer:
 
             model = merge_lora(model)
         return save_pico(out_dir, model, panel=self.cfg.panel, autoencoder=self.cfg.autoencoder, text=self.cfg.text,
-                         plan=plan or SamplingPlan(steps=self.cfg.sample_steps, mu=0.0), extra=extra,
+                         plan=plan or export_plan(self.cfg), extra=extra,
                          dtype=self.cfg.dtype, query_hint=self.cfg.query_hint, prediction=self.cfg.prediction)
 
     def save_lora(self, path):

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from pico_jax.model.flux import FluxConfig
-from pico_jax.trainer import NonFiniteLoss, TrainConfig, Trainer, apply_overrides
+from pico_jax.trainer import NonFiniteLoss, TrainConfig, Trainer, apply_overrides, export_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,6 +141,16 @@ def test_overrides_and_errors():
         apply_overrides(micro(), {"lr": "fast"})
     with pytest.raises(ValueError, match="divisible by data×fsdp"):
         Trainer(micro(mesh="data=8", batch_size=4), "/tmp/unused", progress=False)
+    with pytest.raises(ValueError, match="export_sampling: unknown key 'step'"):
+        Trainer(micro(export_sampling={"step": 12}), "/tmp/unused", progress=False)
+    with pytest.raises(ValueError, match="export_sampling.scorer: unknown key 'signl'"):
+        export_plan(micro(export_sampling={"scorer": {"signl": "consensus"}}))
+    with pytest.raises(ValueError, match="export_sampling: .*cannot keep 3 of 2"):
+        export_plan(micro(export_sampling={"seeds": 2, "keep": 3}))
+    with pytest.raises(ValueError, match="export_sampling: .*unknown scorer weights"):
+        export_plan(micro(export_sampling={"scorer": {"weights": "nope"}}))
+    plan = export_plan(micro(sample_steps=7, export_sampling={"scorer": {"signal": "consensus", "layers": [0, -1]}}))
+    assert plan.steps == 7 and plan.mu == 0.0 and plan.scorer.signal == "consensus" and plan.scorer.layers == (0, -1)
     wrong = micro(mesh="fsdp=8")
     wrong.model = dataclasses.replace(wrong.model, in_channels=100)
     with pytest.raises(ValueError, match="takes 100 input channels.*needs 112"):
@@ -151,14 +161,18 @@ def test_cli_tiny_config_loss_goes_down(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
                           "--workdir", str(tmp_path), "--no-progress", "--export", str(tmp_path / "export"),
-                          "--set", "query_hint=true"],
+                          "--set", "query_hint=true",
+                          "--set", 'export_sampling={"steps": 3, "seeds": 2, "scorer": {"signal": "consensus"}}'],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = _metrics(tmp_path)
     first, last = np.mean([r["loss"] for r in rows[:2]]), np.mean([r["loss"] for r in rows[-2:]])
     assert last < 0.8 * first, (first, last)
     assert list((tmp_path / "samples").glob("step_*.png"))
-    assert json.loads((tmp_path / "export" / "pico.json").read_text())["query_hint"] is True
+    meta = json.loads((tmp_path / "export" / "pico.json").read_text())
+    assert meta["query_hint"] is True
+    assert meta["sampling"]["steps"] == 3 and meta["sampling"]["seeds"] == 2
+    assert meta["sampling"]["scorer"]["signal"] == "consensus" and meta["sampling"]["mu"] == 0.0
     assert list((tmp_path / "tensorboard").iterdir())
 
 
