@@ -129,36 +129,35 @@ def main():
         del plans[FULL]
     if sb == S:
         del plans[EARLY_ALL]
-    times, calls, flops, compiled, first = {}, {}, {}, {}, {}
+    calls, flops, compiled, first = {}, {}, {}, {}  # keyed by mode
     for key, (name, plan, sd) in plans.items():
         plan = plan.validate()
         fn = jax.jit(lambda st, c, kn, s, plan=plan: sample(nnx.merge(graphdef, st), c, kn, text, s, layout, plan))
         jaxpr = jax.make_jaxpr(fn)(state, cond, known, sd).jaxpr
         per_call = 2.0 * layout.num_tokens * cfg.in_channels * cfg.width
-        calls[name] = dot_flops(jaxpr, cfg.in_channels) / per_call
-        flops[name] = dot_flops(jaxpr)
+        calls[key] = dot_flops(jaxpr, cfg.in_channels) / per_call
+        flops[key] = dot_flops(jaxpr)
         t0 = time.perf_counter()
-        compiled[name] = fn.lower(state, cond, known, sd).compile()
-        jax.block_until_ready(compiled[name](state, cond, known, sd))
-        first[name] = time.perf_counter() - t0
+        compiled[key] = fn.lower(state, cond, known, sd).compile()
+        jax.block_until_ready(compiled[key](state, cond, known, sd))
+        first[key] = time.perf_counter() - t0
     # Interleaved rounds (every mode once per round), so the machine's drift (a shared host)
     # spreads over all modes instead of biasing whichever ran last.
-    runs = {name: [] for name, _, _ in plans.values()}
+    runs = {key: [] for key in plans}
     for _ in range(args.repeat):
-        for name, _, sd in plans.values():
+        for key, (_, _, sd) in plans.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(compiled[name](state, cond, known, sd))
-            runs[name].append(time.perf_counter() - t0)
-    for name, _, _ in plans.values():
-        times[name] = statistics.median(runs[name])
-        print(f"  {name:<26} {times[name]:8.3f} s  (runs {', '.join(f'{r:.3f}' for r in runs[name])}; "
-              f"compile+first {first[name]:.1f} s)  model calls {calls[name]:.0f}, matmul {flops[name] / 1e12:.3f} TFLOP",
+            jax.block_until_ready(compiled[key](state, cond, known, sd))
+            runs[key].append(time.perf_counter() - t0)
+    t = {key: statistics.median(r) for key, r in runs.items()}
+    for key, (name, _, _) in plans.items():
+        print(f"  {name:<26} {t[key]:8.3f} s  (runs {', '.join(f'{r:.3f}' for r in runs[key])}; "
+              f"compile+first {first[key]:.1f} s)  model calls {calls[key]:.0f}, matmul {flops[key] / 1e12:.3f} TFLOP",
               flush=True)
     # Per-round ratios against the same round's one-sample run: drift within a round is small.
-    per_round = {name: [r / o for r, o in zip(runs[name], runs[plans[ONE][0]])] for name, _, _ in plans.values()}
+    per_round = {key: [r / o for r, o in zip(runs[key], runs[ONE])] for key in plans}
+    f = flops
 
-    t = {key: times[name] for key, (name, _, _) in plans.items()}
-    f = {key: flops[name] for key, (name, _, _) in plans.items()}
     ideal = (S * k + m * (T - k)) / T
     print("ratios (wall time):")
     print(f"  early / one  = {t[EARLY] / t[ONE]:6.2f}   (ideal model-call ratio (S·k + m·(T−k))/T = {ideal:.2f})")
@@ -169,11 +168,11 @@ def main():
         print(f"  full  / one  = {t[FULL] / t[ONE]:6.2f}   (ideal S = {S})")
         print(f"  early / full = {t[EARLY] / t[FULL]:6.3f}   (ideal {ideal / S:.3f})")
     print(f"  early consensus / one = {t[CONSENSUS] / t[ONE]:6.2f}   (no attention capture; same ideal {ideal:.2f})")
-    cap = per_round[plans[CAPTURE][0]]
+    cap = per_round[CAPTURE]
     print(f"  capture hook: 1 seed, {T} steps, capture on all steps / no hooks = {t[CAPTURE] / t[ONE]:.3f} "
           f"({100 * (t[CAPTURE] / t[ONE] - 1):+.1f} %; per round {', '.join(f'{100 * (c - 1):+.1f}' for c in cap)} %)")
-    cons = per_round[plans[CONSENSUS][0]]
-    early_rounds = per_round[plans[EARLY][0]]
+    cons = per_round[CONSENSUS]
+    early_rounds = per_round[EARLY]
     print(f"  per round: early / one {', '.join(f'{r:.2f}' for r in early_rounds)}; "
           f"consensus / one {', '.join(f'{r:.2f}' for r in cons)}")
     full_flops = f", full/one {f[FULL] / f[ONE]:.2f}, early/full {f[EARLY] / f[FULL]:.3f}" if FULL in f else ""

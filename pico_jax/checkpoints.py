@@ -41,12 +41,13 @@ def bundled_checkpoint() -> Path:
     return BUNDLED
 
 
-def _plan_from_json(d: dict):
+def plan_from_json(d: dict):
+    """A SamplingPlan from its JSON form (pico.json's "sampling"; lists back to tuples). Not validated."""
     from pico_jax.pipeline import SamplingPlan
     from pico_jax.scorer import ScorerConfig
 
     d = dict(d)
-    sc = d.pop("scorer", {})
+    sc = dict(d.pop("scorer", None) or {})
     if "layers" in sc and sc["layers"] is not None:
         sc["layers"] = tuple(sc["layers"])
     if isinstance(sc.get("weights"), list):
@@ -132,7 +133,7 @@ def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_si
         if not isinstance(meta["autoencoder"], dict):
             raise TypeError("autoencoder must be an object")
         dtype = dtype or getattr(jnp, str(meta.get("dtype", "float32")))
-        plan = _plan_from_json(meta.get("sampling", {})).validate()
+        plan = plan_from_json(meta.get("sampling", {})).validate()
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:

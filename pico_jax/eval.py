@@ -754,11 +754,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pico_jax.eval: error: {msg}", file=sys.stderr)
         return 2
 
-    if args.merge:
-        if args.bootstrap < 1:
-            return fail(f"--bootstrap must be at least 1 (got {args.bootstrap})")
-        return merge_main(args.merge, args.out, args.bootstrap)
-
     for flag in ("episodes", "seeds", "steps", "score_steps", "panel_size", "batch_size", "bootstrap"):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -767,6 +762,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"--sample-seed must be in 0..2**31-seeds (got {args.sample_seed})")
     if args.episode_offset < 0:
         return fail(f"--episode-offset must be >= 0 (got {args.episode_offset})")
+    if args.merge:
+        return merge_main(args.merge, args.out, args.bootstrap)
     if args.families:
         families = [f.strip() for f in args.families.split(",") if f.strip()]
         bad = [f for f in families if f not in FAMILIES]

@@ -230,9 +230,7 @@ def sample(
     seed_batch = min(plan.seed_batch or seed_batch_for_backend(len(seeds)), len(seeds))
 
     def over_seeds(f, eps):  # f applied to every seed's noise; seed_batch of them at a time
-        if eps.shape[0] == 1:  # no seed axis at all: a vmap of one adds a batch dimension to every op
-            return jax.tree.map(lambda y: y[None], f(eps[0]))
-        if seed_batch == 1:  # a loop over single seeds, likewise without a batch axis
+        if seed_batch == 1:  # a loop over single seeds, without a batch axis (not a vmap of one)
             return jax.lax.map(f, eps)
         if seed_batch >= eps.shape[0]:  # one batch: no loop around it
             return jax.vmap(f)(eps)

@@ -129,29 +129,21 @@ def _parse_like(raw: str, current: Any, key: str):
 def export_plan(cfg: TrainConfig) -> SamplingPlan:
     """The sampling plan an export writes: (steps=sample_steps, mu=0) with cfg.export_sampling
     applied. Errors name the export_sampling key."""
+    from pico_jax.checkpoints import plan_from_json
     from pico_jax.scorer import ScorerConfig
 
     over = dict(cfg.export_sampling or {})
-    scorer_over = over.pop("scorer", {}) or {}
-    plan_fields = {f.name for f in dataclasses.fields(SamplingPlan)} - {"scorer"}
-    scorer_fields = {f.name for f in dataclasses.fields(ScorerConfig)}
-    for key in over:
-        if key not in plan_fields:
-            raise ValueError(f"export_sampling: unknown key {key!r} (SamplingPlan fields: {', '.join(sorted(plan_fields))})")
+    scorer_over = over.get("scorer") or {}
     if not isinstance(scorer_over, dict):
         raise ValueError(f"export_sampling.scorer must be a dict of ScorerConfig fields (got {scorer_over!r})")
-    for key in scorer_over:
-        if key not in scorer_fields:
-            raise ValueError(f"export_sampling.scorer: unknown key {key!r} (ScorerConfig fields: "
-                             f"{', '.join(sorted(scorer_fields))})")
-    if isinstance(scorer_over.get("layers"), list):
-        scorer_over["layers"] = tuple(scorer_over["layers"])
-    if isinstance(scorer_over.get("weights"), list):
-        scorer_over["weights"] = tuple(scorer_over["weights"])
+    for where, keys, cls in (("export_sampling", over, SamplingPlan), ("export_sampling.scorer", scorer_over, ScorerConfig)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in keys:
+            if key not in fields:
+                raise ValueError(f"{where}: unknown key {key!r} ({cls.__name__} fields: {', '.join(sorted(fields))})")
     try:
-        scorer = ScorerConfig(**scorer_over)
-        scorer.weight_vector()
-        plan = SamplingPlan(**{"steps": cfg.sample_steps, "mu": 0.0, **over}, scorer=scorer)
+        plan = plan_from_json({"steps": cfg.sample_steps, "mu": 0.0, **over})
+        plan.scorer.weight_vector()
         return plan.validate()
     except (TypeError, ValueError) as e:
         raise ValueError(f"export_sampling: {e}") from None
