@@ -6,8 +6,9 @@ for one query:
   one    selection="random": 1 seed, T steps, no scoring (the baseline)
   full   selection="full":   S seeds × T steps, all captured and scored, best m kept
   early  selection="early":  S seeds × k captured steps, the best m finish T - k steps
-and the cost of the attention-capture hook: a single-seed T-step run with capture on the scored
-layers at every step (selection="full", S = 1) against the same run without hooks ("one"), and
+and the cost of the attention-capture hook: in the run that uses it (early selection against the
+same program with no layer captured), and at its worst, a single-seed T-step run with capture on
+all layers at every step (selection="full", S = 1) against the same run without hooks ("one"); and
 early selection with the consensus scorer (no hooks; the seeds' clean estimates are compared).
 
 Also prints the ideal model-call ratio early/one = (S·k + m·(T−k)) / T and the model calls and
@@ -32,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from pico_jax import grid
+from pico_jax.model.attention import explicit_attention, fused_attention
 from pico_jax.model.autoencoder import PixelAutoencoder
 from pico_jax.model.flux import FluxConfig, FluxTransformer, count_params
 from pico_jax.pipeline import CanvasLayout, SamplingPlan, TextConditioning, fill_condition, sample, seed_batch_for_backend
@@ -79,6 +81,11 @@ def main():
     ap.add_argument("--seed-batch", type=int, default=None,
                     help="seeds run together in the scored phase (default: the backend's choice, "
                          "pipeline.seed_batch_for_backend); an extra early-selection row always runs all S together")
+    ap.add_argument("--hook-pairs", type=int, default=30,
+                    help="paired timings of the capture hook (0: skip): alternating runs with and without "
+                         "capture, of a --hook-steps one-seed sample and of one attention layer")
+    ap.add_argument("--hook-steps", type=int, default=2, help="denoising steps of the paired hook runs")
+    ap.add_argument("--hook-only", action="store_true", help="only the paired capture-hook timings")
     ap.add_argument("--skip-full", action="store_true",
                     help="skip best-of-S full sampling (the slowest mode; its ratios are not printed)")
     args = ap.parse_args()
@@ -111,7 +118,8 @@ def main():
     graphdef, state = nnx.split(model)
     sb = args.seed_batch or seed_batch_for_backend(S)
     print(f"seed batch (scored phase): {sb} of {S} seeds at a time")
-    ONE, FULL, EARLY, EARLY_ALL, CAPTURE, CONSENSUS = "one", "full", "early", "early_all", "capture", "consensus"
+    ONE, FULL, EARLY, EARLY_ALL, CAPTURE, CONSENSUS, NOCAP = (
+        "one", "full", "early", "early_all", "capture", "consensus", "early_nocap")
     plans = {
         ONE: ("one (random)", SamplingPlan(steps=T, seeds=S, keep=1, selection="random"), seeds),
         FULL: (f"best-of-{S} full", SamplingPlan(steps=T, seeds=S, keep=m, selection="full", seed_batch=sb,
@@ -121,6 +129,10 @@ def main():
         EARLY_ALL: (f"  same, {S} seeds vmapped", SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
                                                               seed_batch=S, scorer=ScorerConfig(steps=k)), seeds),
         CAPTURE: ("1 seed full + capture", SamplingPlan(steps=T, seeds=1, keep=1, selection="full"), seeds[:1]),
+        # The same early-selection program with the capture switched off (no layer selected, so every
+        # layer takes the hook-free branch): early / this is the hook's cost in the run that uses it.
+        NOCAP: ("  same, capture off", SamplingPlan(steps=T, seeds=S, keep=m, selection="early", seed_batch=sb,
+                                                     scorer=ScorerConfig(steps=k, layers=())), seeds),
         CONSENSUS: (f"best-of-{S} early consensus", SamplingPlan(steps=T, seeds=S, keep=m, selection="early",
                                                                  seed_batch=sb,
                                                                  scorer=ScorerConfig(steps=k, signal="consensus")), seeds),
@@ -129,6 +141,10 @@ def main():
         del plans[FULL]
     if sb == S:
         del plans[EARLY_ALL]
+    if args.hook_pairs:
+        hook_pairs(args, graphdef, state, cond, known, text, layout, cfg, plans)
+    if args.hook_only:
+        return
     calls, flops, compiled, first = {}, {}, {}, {}  # keyed by mode
     for key, (name, plan, sd) in plans.items():
         plan = plan.validate()
@@ -171,6 +187,10 @@ def main():
     cap = per_round[CAPTURE]
     print(f"  capture hook: 1 seed, {T} steps, capture on all steps / no hooks = {t[CAPTURE] / t[ONE]:.3f} "
           f"({100 * (t[CAPTURE] / t[ONE] - 1):+.1f} %; per round {', '.join(f'{100 * (c - 1):+.1f}' for c in cap)} %)")
+    nocap = [a / b for a, b in zip(runs[EARLY], runs[NOCAP])]
+    print(f"  capture hook in early selection ({S}x{k} captured calls): early / same with capture off = "
+          f"{t[EARLY] / t[NOCAP]:.3f} ({100 * (t[EARLY] / t[NOCAP] - 1):+.1f} %; per round "
+          f"{', '.join(f'{100 * (c - 1):+.1f}' for c in nocap)} %)")
     cons = per_round[CONSENSUS]
     early_rounds = per_round[EARLY]
     print(f"  per round: early / one {', '.join(f'{r:.2f}' for r in early_rounds)}; "
@@ -178,6 +198,94 @@ def main():
     full_flops = f", full/one {f[FULL] / f[ONE]:.2f}, early/full {f[EARLY] / f[FULL]:.3f}" if FULL in f else ""
     print(f"ratios (traced matmul FLOPs): early/one {f[EARLY] / f[ONE]:.2f}{full_flops}, "
           f"capture/none {f[CAPTURE] / f[ONE]:.2f}")
+
+
+def onehot_column_attention(q, k, v, groups, num_groups):
+    """The hook's previous formulation, kept here as the reference: group masses as G one-hot
+    columns appended to the value product, e @ [v | one-hot] (capture only, no edits)."""
+    b, n, h, d = q.shape
+    onehot = jax.nn.one_hot(groups, num_groups, dtype=jnp.float32)
+    query_avg = (onehot / jnp.maximum(onehot.sum(0), 1.0)).T
+
+    def one_head(qkv):
+        qh, kh, vh = qkv
+        logits = jnp.einsum("bqd,bkd->bqk", qh, kh, preferred_element_type=jnp.float32) / np.sqrt(d)
+        e = jnp.exp(logits - logits.max(-1, keepdims=True))
+        values = jnp.concatenate([vh, jnp.broadcast_to(onehot, (b, n, num_groups))], -1)
+        product = jnp.einsum("bqk,bkd->bqd", e, values) / e.sum(-1)[..., None]
+        return product[..., :d], jnp.einsum("gq,bqh->bgh", query_avg, product[..., d:])
+
+    out, mass = jax.lax.map(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)))
+    return jnp.moveaxis(out, 0, 2), mass.mean(0)
+
+
+def paired_ratios(fn_a, fn_b, pairs: int) -> list[float]:
+    """time(a) / time(b) for `pairs` back-to-back pairs (order alternating within pairs), so the
+    host's drift, slow against one pair, cancels in each ratio."""
+    ratios = []
+    for i in range(pairs):
+        order = (fn_a, fn_b) if i % 2 == 0 else (fn_b, fn_a)
+        times = {}
+        for fn in order:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[fn] = time.perf_counter() - t0
+        ratios.append(times[fn_a] / times[fn_b])
+    return ratios
+
+
+def _quartiles(r: list[float]) -> str:
+    """Median per-pair ratio as a percentage, a bootstrap 95 % interval of that median, and the
+    quartiles of the pairs (their spread)."""
+    if len(r) < 2:
+        return f"{100 * (r[0] - 1):+.1f} %"
+    q1, med, q3 = statistics.quantiles(r, n=4)
+    boot = np.median(np.random.default_rng(0).choice(r, (2000, len(r))), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return (f"{100 * (med - 1):+.1f} % [95 % CI of the median {100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}] "
+            f"(quartiles {100 * (q1 - 1):+.1f}, {100 * (q3 - 1):+.1f} %)")
+
+
+def hook_pairs(args, graphdef, state, cond, known, text, layout, cfg, plans):
+    """The capture hook's cost from paired runs. A whole 20-step sample drifts by ±20 % between
+    rounds on a shared 2-core host, more than the effect measured; adjacent short runs do not."""
+    T, S, m, k, P = args.steps, args.seeds, args.keep, args.score_steps, args.hook_pairs
+    seeds = jnp.arange(1, dtype=jnp.uint32)
+    progs = {}
+    for key, plan in (("off", SamplingPlan(steps=args.hook_steps, seeds=1, keep=1, selection="random")),
+                      ("on", SamplingPlan(steps=args.hook_steps, seeds=1, keep=1, selection="full"))):
+        plan = plan.validate()
+        fn = jax.jit(lambda st, c, kn, s, plan=plan: sample(nnx.merge(graphdef, st), c, kn, text, s, layout, plan))
+        compiled = fn.lower(state, cond, known, seeds).compile()
+        progs[key] = lambda compiled=compiled: compiled(state, cond, known, seeds)
+        jax.block_until_ready(progs[key]())
+    whole = paired_ratios(progs["on"], progs["off"], P)
+
+    hooks = layout.hooks(1, cfg.num_layers, ())
+    n, h, d = layout.num_tokens + 1, cfg.num_heads, cfg.head_dim
+    rng = np.random.default_rng(1)
+    q, k_, v = (jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.float32) for _ in range(3))
+    layer = {
+        "fused": jax.jit(lambda q, k, v: fused_attention(q, k, v)),
+        "hooked": jax.jit(lambda q, k, v: explicit_attention(q, k, v, hooks, True, False)),
+        "onehot_columns": jax.jit(lambda q, k, v: onehot_column_attention(q, k, v, hooks.groups, hooks.num_groups)),
+    }
+    calls = {key: (lambda f=f: f(q, k_, v)) for key, f in layer.items()}
+    for c in calls.values():
+        jax.block_until_ready(c())
+    hooked = paired_ratios(calls["hooked"], calls["fused"], 4 * P)
+    onehot = paired_ratios(calls["onehot_columns"], calls["fused"], 4 * P)
+
+    frac_early = S * k / (S * k + m * (T - k))
+    delta = statistics.median(whole) - 1
+    print(f"capture hook, paired ({P} pairs of one-seed {args.hook_steps}-step samples, all {cfg.num_layers} "
+          f"layers captured at every step vs no hooks; medians of per-pair ratios):")
+    print(f"  whole sample, capture / none: {_quartiles(whole)}")
+    print(f"  one attention layer ({n} tokens, {h} heads x {d}), {4 * P} pairs: hooked / fused {_quartiles(hooked)}; "
+          f"previous one-hot value columns / fused {_quartiles(onehot)}")
+    print(f"  => share of a sampling run: every call captured (full best-of-{S}, or capture on every step) "
+          f"{100 * delta:+.1f} %; early selection ({S}x{k} of {S * k + m * (T - k)} calls captured) "
+          f"{100 * delta * frac_early:+.1f} %", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def test_bench_sampling_modes_and_model_calls(skip_full):
     T, S, k = 4, 2, 2
     assert _calls(out, "one (random)") == T
     assert _calls(out, "best-of-2 early (m=1)") == S * k + (T - k)
+    assert _calls(out, "same, capture off") == S * k + (T - k)
     assert _calls(out, "1 seed full + capture") == T
     assert _calls(out, "best-of-2 early consensus") == S * k + (T - k)
     assert ("best-of-2 full " in out) != skip_full and ("full  / one" in out) != skip_full
+    assert re.search(r"capture hook in early selection \(2x2 captured calls\): early / same with capture off = [0-9.]+", out)
     assert re.search(r"capture hook: 1 seed, 4 steps, capture on all steps / no hooks = [0-9.]+", out)

@@ -67,7 +67,7 @@ class AttentionHooks:
     clones: tuple[Clone, ...] = flax.struct.field(pytree_node=False, default=())
     # False: capture only group_mass (key_map stays zeros). The per-key maps contract the (N, N)
     # probabilities over queries, a second pass over them that costs as much as the attention's
-    # own on CPU; group_mass alone rides on the value product (see explicit_attention).
+    # own on CPU; group_mass alone is one (N, N) x (N, G) product (see explicit_attention).
     key_maps: bool = flax.struct.field(pytree_node=False, default=True)
 
     @classmethod
@@ -256,15 +256,17 @@ def explicit_attention(
         if edits:  # capture-only hooks (the scorer's) skip the branch, so the logits stay fusible
             logits = jax.lax.cond(edit_on, lambda l: _edit_logits(l, hooks), lambda l: l, logits)
         # Unnormalised exponentials, as in the headwise kernel: the 1/rowsum goes onto the (N, D)
-        # output and the (N, G) group masses, never over the (N, N) map. The group masses ride on
-        # the value product: e @ [v | one-hot of key groups] reads the exponentials once.
+        # output and the (N, G) group masses, never over the (N, N) map.
         e = jnp.exp(logits - logits.max(-1, keepdims=True))
         inv_total = 1.0 / e.sum(-1)  # (B, N)
-        # In the value dtype (bf16 on GPU: a tensor-core product, fp32 accumulation); 0/1 is exact.
-        values = jnp.concatenate([vh, jnp.broadcast_to(onehot.astype(vh.dtype), (b, n, onehot.shape[1]))], -1)
-        product = jnp.einsum("bqk,bkd->bqd", e.astype(vh.dtype), values,
-                             preferred_element_type=jnp.float32) * inv_total[..., None]
-        out, query_mass = product[..., :d], product[..., d:]  # (B, N, D), (B, N, G): mass per key group
+        # Products in the value dtype (bf16 on GPU: tensor cores, fp32 accumulation); 0/1 is exact.
+        # The group masses are their own (N, N) x (N, G) product rather than extra columns on the
+        # value product: e @ [v | one-hot] (D + G = 69 columns) cost +13 % per layer on an AVX2
+        # CPU against +4 % for the separate product (benchmarks/RESULTS.md, capture hook).
+        ev = e.astype(vh.dtype)
+        out = jnp.einsum("bqk,bkd->bqd", ev, vh, preferred_element_type=jnp.float32) * inv_total[..., None]
+        query_mass = jnp.einsum("bqk,kg->bqg", ev, onehot.astype(vh.dtype),
+                                preferred_element_type=jnp.float32) * inv_total[..., None]  # (B, N, G)
         group_mass = jnp.einsum("gq,bqh->bgh", query_avg, query_mass)  # (B, G, G)
         if hooks.key_maps:
             key_map = jnp.einsum("gq,bq,bqk->bgk", query_avg, inv_total, e)  # (B, G, N)
