@@ -30,6 +30,8 @@ def main(argv=None):
     ap.add_argument("--text", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--scan-unroll", type=int, default=1,
+                    help="FluxConfig.scan_unroll: layers per scan iteration (0: no loop at all)")
     args = ap.parse_args(argv)
 
     import jax
@@ -60,7 +62,7 @@ def main(argv=None):
 
     # --- ours
     cfg = FluxConfig(num_double=args.double, num_single=args.single, num_heads=heads, head_dim=args.head_dim,
-                     axes_dims_rope=rope, guidance_embeds=True)
+                     axes_dims_rope=rope, guidance_embeds=True, scan_unroll=args.scan_unroll)
     model = FluxTransformer(cfg, rngs=nnx.Rngs(0))
     add_lora(model, args.rank)
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
