@@ -142,7 +142,7 @@ def main():
     if sb == S:
         del plans[EARLY_ALL]
     if args.hook_pairs:
-        hook_pairs(args, graphdef, state, cond, known, text, layout, cfg, plans)
+        hook_pairs(args, graphdef, state, cond, known, text, layout, cfg)
     if args.hook_only:
         return
     calls, flops, compiled, first = {}, {}, {}, {}  # keyed by mode
@@ -234,7 +234,7 @@ def paired_ratios(fn_a, fn_b, pairs: int) -> list[float]:
     return ratios
 
 
-def _quartiles(r: list[float]) -> str:
+def _ratio_summary(r: list[float]) -> str:
     """Median per-pair ratio as a percentage, a bootstrap 95 % interval of that median, and the
     quartiles of the pairs (their spread)."""
     if len(r) < 2:
@@ -246,7 +246,7 @@ def _quartiles(r: list[float]) -> str:
             f"(quartiles {100 * (q1 - 1):+.1f}, {100 * (q3 - 1):+.1f} %)")
 
 
-def hook_pairs(args, graphdef, state, cond, known, text, layout, cfg, plans):
+def hook_pairs(args, graphdef, state, cond, known, text, layout, cfg):
     """The capture hook's cost from paired runs. A whole 20-step sample drifts by ±20 % between
     rounds on a shared 2-core host, more than the effect measured; adjacent short runs do not."""
     T, S, m, k, P = args.steps, args.seeds, args.keep, args.score_steps, args.hook_pairs
@@ -280,9 +280,9 @@ def hook_pairs(args, graphdef, state, cond, known, text, layout, cfg, plans):
     delta = statistics.median(whole) - 1
     print(f"capture hook, paired ({P} pairs of one-seed {args.hook_steps}-step samples, all {cfg.num_layers} "
           f"layers captured at every step vs no hooks; medians of per-pair ratios):")
-    print(f"  whole sample, capture / none: {_quartiles(whole)}")
-    print(f"  one attention layer ({n} tokens, {h} heads x {d}), {4 * P} pairs: hooked / fused {_quartiles(hooked)}; "
-          f"previous one-hot value columns / fused {_quartiles(onehot)}")
+    print(f"  whole sample, capture / none: {_ratio_summary(whole)}")
+    print(f"  one attention layer ({n} tokens, {h} heads x {d}), {4 * P} pairs: hooked / fused {_ratio_summary(hooked)}; "
+          f"previous one-hot value columns / fused {_ratio_summary(onehot)}")
     print(f"  => share of a sampling run: every call captured (full best-of-{S}, or capture on every step) "
           f"{100 * delta:+.1f} %; early selection ({S}x{k} of {S * k + m * (T - k)} calls captured) "
           f"{100 * delta * frac_early:+.1f} %", flush=True)

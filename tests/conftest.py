@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 # Eight simulated CPU devices so sharding tests run anywhere. Must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -12,8 +13,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # same config), and an in-memory cache cannot see across them. On the 2-core CPU one such
 # Trainer took ~85 s to compile and run; the second took ~11 s from the cache. The cache is keyed
 # by the program, the flags and the jax version, so it changes what is compiled, never the results.
-import tempfile  # noqa: E402
-
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"pico_jax_test_xla_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
