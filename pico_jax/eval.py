@@ -14,6 +14,9 @@ query are drawn independently by ``sample_episode``) at the model's panel size (
                the unbiased single-sample baseline (seeds are iid)
   oracle       the best of the N full-run candidates BY THE METRIC AGAINST THE TRUTH (an upper
                bound of any seed selection; it peeks at the answer)
+  ensemble_early  the per-pixel median of the K seeds early selection keeps (K = --ensemble-keep,
+               default N/2; what selection="early", keep=K, ensemble="median" returns)
+  ensemble_full   the per-pixel median of all N full-run candidates
   copy_B       B' = B
   analogy      B' = clip(B + (A' - A), 0, 1)
   threshold_B  (mask families) the best global threshold of B's luminance, both polarities,
@@ -21,7 +24,9 @@ query are drawn independently by ``sample_episode``) at the model's panel size (
 
 ours_full, random_seed and oracle come from ONE full-selection run that keeps all N candidates;
 ours_early from one early-selection run with the same seeds (so both choose among the same N
-trajectories). Metrics: see :func:`metrics_for`. Statistics: see :func:`summarize`.
+trajectories). ensemble_early takes the K best seeds by the early run's scores and the full-run
+candidates of those seeds: a seed's trajectory does not depend on which others are kept (checked:
+`early_vs_full_same_seed_max_abs_diff`), so this is the early plan's ensemble without a third run. Metrics: see :func:`metrics_for`. Statistics: see :func:`summarize`.
 
 Outputs (all written atomically): OUT/results.json, OUT/results.md, OUT/sheet_<split>.png.
 API: :func:`evaluate` (used by the CLI; training experiments can call it on a Pipeline).
@@ -70,7 +75,10 @@ __all__ = [
     "main",
 ]
 
-LEARNED = ("ours_early", "ours_full", "random_seed", "oracle")
+LEARNED = ("ours_early", "ours_full", "random_seed", "oracle", "ensemble_early", "ensemble_full")
+# the rows that count as "ours" (oracle peeks at the truth; random_seed is the unscored baseline)
+OURS = ("ours_early", "ours_full", "ensemble_early", "ensemble_full")
+ENSEMBLE = "median"
 BASELINES = ("copy_B", "analogy", "threshold_B")
 METHODS = LEARNED + BASELINES
 MASK_METRICS = ("iou",)
@@ -256,7 +264,7 @@ def _plans(pipeline, seeds: int, steps: int | None, score_steps: int | None):
     scorer = base.scorer
     if score_steps is not None:
         scorer = dataclasses.replace(scorer, steps=int(score_steps))
-    base = dataclasses.replace(base, seeds=int(seeds), scorer=scorer, keep=1)
+    base = dataclasses.replace(base, seeds=int(seeds), scorer=scorer, keep=1, ensemble=None)
     early = dataclasses.replace(base, selection="early", keep=1).validate()
     full = dataclasses.replace(base, selection="full", keep=int(seeds)).validate()
     return early, full
@@ -291,6 +299,7 @@ def evaluate(
     sample_seed: int = 0,
     episode_offset: int = 0,
     random_seed_rng: int = 0,
+    ensemble_keep: int | None = None,
     n_boot: int = 10000,
     stats_seed: int = 0,
     sheet_episodes: int = 3,
@@ -324,6 +333,10 @@ def evaluate(
     if episodes < 1 or seeds < 1:
         raise ValueError(f"episodes and seeds must be >= 1 (got {episodes}, {seeds})")
     early_plan, full_plan = _plans(pipeline, seeds, steps, score_steps)
+    keep_ens = max(2, seeds // 2) if ensemble_keep is None else int(ensemble_keep)
+    if seeds >= 2 and not 2 <= keep_ens <= seeds:
+        raise ValueError(f"ensemble_keep (--ensemble-keep) must be within 2..{seeds} seeds (got {keep_ens})")
+    from pico_jax.pipeline import ensemble_panels
     panel = pipeline.layout.panel
     size = int(panel_size or panel)
     if split is None:
@@ -380,11 +393,19 @@ def evaluate(
                 m = {k: metrics_for(kind, v, truth) for k, v in preds.items()}
                 m["random_seed"] = dict(cand[r_idx]["metrics"])
                 m["oracle"] = dict(cand[o_idx]["metrics"])
+                ens_seeds = []
+                if len(seed_list) >= 2:
+                    e_order = np.argsort(-np.asarray(re.scores, np.float32), kind="stable")[:keep_ens]
+                    ens_seeds = [seed_list[int(o)] for o in e_order]
+                    preds_ens = {"ensemble_early": ensemble_panels([by_seed[s] for s in ens_seeds], ENSEMBLE),
+                                 "ensemble_full": ensemble_panels([by_seed[s] for s in seed_list], ENSEMBLE)}
+                    m.update({k: metrics_for(kind, v, truth) for k, v in preds_ens.items()})
                 rec: dict[str, Any] = {
                     "index": episode_offset + i, "seed": ep.seed, "params": ep.params, "seeds": seed_list,
                     "scores_early": list(re.scores), "scores_full": list(rf.scores),
                     "chosen": {"ours_early": re.chosen_seed, "ours_full": rf.chosen_seed,
                                "random_seed": seed_list[r_idx], "oracle": seed_list[o_idx]},
+                    "ensemble_early_seeds": ens_seeds,
                     "candidates": cand,
                 }
                 if kind == "mask":
@@ -394,8 +415,9 @@ def evaluate(
                 rec["metrics"] = {k: m[k] for k in METHODS if k in m}
                 records.append(rec)
                 if i < sheet_episodes:
+                    ens_img = preds_ens["ensemble_early"] if ens_seeds else early_img
                     sheet_rows.append({"family": fam, "index": episode_offset + i, **info,
-                                       "panels": [ep.A, ep.A_out, ep.B, early_img, truth]})
+                                       "panels": [ep.A, ep.A_out, ep.B, early_img, ens_img, truth]})
             bar.update(len(chunk))
         results["families"][fam] = {**info, "episodes": records}
     bar.close()
@@ -410,7 +432,9 @@ def evaluate(
         "diffusion_seeds": list(range(sample_seed, sample_seed + seeds)),
         "plan_early": _jsonable(dataclasses.asdict(early_plan)),
         "plan_full": _jsonable(dataclasses.asdict(full_plan)),
-        "model_calls_per_episode": {"ours_early": cost(early_plan, True), "full_run": cost(full_plan, False)},
+        "model_calls_per_episode": {"ours_early": cost(early_plan, True), "full_run": cost(full_plan, False),
+                                    "ensemble_early": cost(early_plan, True) + (keep_ens - 1) * (early_plan.steps - early_plan.scorer.steps)},
+        "ensemble": {"how": ENSEMBLE, "early_keep": keep_ens},
         "random_seed_rng": f"np.random.default_rng([crc32(family), episode index, {random_seed_rng}]).integers(N)",
         "bootstrap": {"n_boot": n_boot, "seed": stats_seed, "level": 0.95, "kind": "percentile, stratified by family"},
         "psnr_cap_db": PSNR_CAP, "tie_tolerance": TIE_TOL,
@@ -463,7 +487,7 @@ def summarize(families: dict[str, dict], n_boot: int = 10000, seed: int = 0) -> 
                 "full_vs_random": win_rate(s["ours_full"], s["random_seed"]),
                 "early_vs_best_baseline": win_rate(s["ours_early"], s[best]),
             },
-            "beats_best_baseline": {m: bool(means[m]["score"] > base[best]) for m in ("ours_early", "ours_full")},
+            "beats_best_baseline": {m: bool(means[m]["score"] > base[best]) for m in OURS if m in means},
         }
         groups.setdefault(f"overall/{fam['kind']}", []).append(name)
         groups.setdefault(f"{fam['category']}/{fam['kind']}", []).append(name)
@@ -473,6 +497,7 @@ def summarize(families: dict[str, dict], n_boot: int = 10000, seed: int = 0) -> 
         e = [_scores(families[n], "ours_early") for n in names]
         r = [_scores(families[n], "random_seed") for n in names]
         f = [_scores(families[n], "ours_full") for n in names]
+        ens = [_scores(families[n], "ensemble_early") for n in names]
         cat = lambda xs: np.concatenate(xs)  # noqa: E731
         group_stats[g] = {
             "families": names, "metric": "iou" if g.endswith("/mask") else "psnr",
@@ -482,8 +507,12 @@ def summarize(families: dict[str, dict], n_boot: int = 10000, seed: int = 0) -> 
             "win_rates": {"early_vs_random": win_rate(cat(e), cat(r)), "early_vs_full": win_rate(cat(e), cat(f)),
                           "full_vs_random": win_rate(cat(f), cat(r))},
         }
+        if all(x is not None for x in ens):  # absent in evaluations written before the ensemble rows
+            group_stats[g]["ensemble_early_minus_early"] = bootstrap_mean_ci([a - b for a, b in zip(ens, e)], n_boot, seed)
+            group_stats[g]["win_rates"]["ensemble_early_vs_early"] = win_rate(cat(ens), cat(e))
+    rows = [m for m in OURS if all(m in p["beats_best_baseline"] for p in per_family.values())]
     beats = {m: {"families": [n for n, p in per_family.items() if p["beats_best_baseline"][m]],
-                 "of": len(per_family)} for m in ("ours_early", "ours_full")}
+                 "of": len(per_family)} for m in rows}
     for m in beats:
         beats[m]["count"] = len(beats[m]["families"])
     return {"families": per_family, "groups": group_stats, "beats_best_baseline": beats}
@@ -514,7 +543,10 @@ def render_markdown(results: dict) -> str:
              f"{st['seeds']} diffusion seeds, {st['plan_full']['steps']} steps, early selection after "
              f"{st['plan_early']['scorer']['steps']} scored steps; episodes {st['episode_size']} px, model panel "
              f"{st['model_panel']} px. Model calls per episode: early {st['model_calls_per_episode']['ours_early']}, "
-             f"full run {st['model_calls_per_episode']['full_run']}.")
+             f"full run {st['model_calls_per_episode']['full_run']}"
+             + (f", ensemble (early) {st['model_calls_per_episode']['ensemble_early']}: the per-pixel "
+                f"{st['ensemble']['how']} of the {st['ensemble']['early_keep']} seeds early selection keeps; "
+                f"ensemble (full): of all {st['seeds']}" if st.get("ensemble") else "") + ".")
     if st.get("checkpoint"):
         L.append(f"Checkpoint: `{st['checkpoint']}`.")
     sc = st["plan_early"]["scorer"]
@@ -524,7 +556,7 @@ def render_markdown(results: dict) -> str:
           "Bold: best non-oracle entry. `oracle` picks the best of the N candidates with the truth (upper bound of "
           "seed selection); `threshold_B` is an *oracle* global luminance threshold (chosen with the truth); "
           "best baseline = the no-learning baseline with the highest mean on that family (also chosen with the truth).", ""]
-    cols = list(METHODS)
+    cols = [m for m in METHODS if any(m in p["score"] for p in fams.values())]
     L.append("| family | split | metric | " + " | ".join(cols) + " | best baseline | early − random [95% CI] |")
     L.append("|" + "---|" * (len(cols) + 5))
     order = [c for c in CATEGORIES if any(p["category"] == c for p in fams.values())]
@@ -555,7 +587,10 @@ def render_markdown(results: dict) -> str:
             L.append(f"| {n} | " + " | ".join(
                 f"{mm[m]['psnr']:.2f} / {mm[m]['ssim']:.3f} / {mm[m]['l1']:.3f}" if m in mm else "–" for m in cols) + " |")
     L += ["", "## Summary", ""]
-    for m, label in (("ours_early", "ours (early)"), ("ours_full", "ours (full)")):
+    for m, label in (("ours_early", "ours (early)"), ("ours_full", "ours (full)"),
+                     ("ensemble_early", "ensemble (early)"), ("ensemble_full", "ensemble (full)")):
+        if m not in summ["beats_best_baseline"]:
+            continue
         b = summ["beats_best_baseline"][m]
         L.append(f"- {label} beats the best no-learning baseline on **{b['count']} of {b['of']}** families.")
     for g, d in summ["groups"].items():
@@ -564,7 +599,9 @@ def render_markdown(results: dict) -> str:
         L.append(f"- `{g}` ({len(d['families'])} families, {d['early_minus_random']['n']} episodes, "
                  f"{'IoU' if metric == 'iou' else 'PSNR'}): early − random {_fmt_ci(d['early_minus_random'], metric)}, "
                  f"win rate {wr['early_vs_random']['win_rate']:.2f}; early − full {_fmt_ci(d['early_minus_full'], metric)}, "
-                 f"win rate {wr['early_vs_full']['win_rate']:.2f}; full − random {_fmt_ci(d['full_minus_random'], metric)}.")
+                 f"win rate {wr['early_vs_full']['win_rate']:.2f}; full − random {_fmt_ci(d['full_minus_random'], metric)}"
+                 + (f"; ensemble (early) − early {_fmt_ci(d['ensemble_early_minus_early'], metric)}, win rate "
+                    f"{wr['ensemble_early_vs_early']['win_rate']:.2f}" if "ensemble_early_minus_early" in d else "") + ".")
     calls = st["model_calls_per_episode"]
     L.append(f"- Early vs full: early selection costs {calls['ours_early']} model calls per episode vs "
              f"{calls['full_run']} for the full run ({calls['ours_early'] / calls['full_run']:.2f}×).")
@@ -575,8 +612,8 @@ def render_markdown(results: dict) -> str:
 
 
 def make_sheet(rows: list[dict], min_cell: int = 96,
-               titles: tuple[str, ...] = ("A", "A'", "B", "ours (early)", "truth")) -> np.ndarray:
-    """A picture sheet: one row per episode, columns A | A' | B | ours (early) | truth, with the
+               titles: tuple[str, ...] = ("A", "A'", "B", "ours (early)", "ensemble", "truth")) -> np.ndarray:
+    """A picture sheet: one row per episode, columns A | A' | B | ours (early) | ensemble (early) | truth, with the
     family name (category, split, episode) as the row label, or the row's own ``lines`` where it
     has them; panels upscaled with nearest neighbour to at least ``min_cell`` px."""
     from PIL import Image, ImageDraw
@@ -637,7 +674,7 @@ def write_outputs(results: dict, out_dir: str | os.PathLike, sheet_rows: list[di
 # Settings that must agree for episodes to be pooled (the plans without seed_batch, which only
 # moves work between a loop and a batch).
 MERGE_KEYS = ("split", "seeds", "episode_size", "model_panel", "ae_factor", "policy", "diffusion_seeds",
-              "plan_early", "plan_full", "random_seed_rng", "psnr_cap_db", "tie_tolerance", "checkpoint")
+              "plan_early", "plan_full", "random_seed_rng", "psnr_cap_db", "tie_tolerance", "checkpoint", "ensemble")
 
 
 def _merge_view(settings: dict, key: str):
@@ -712,7 +749,9 @@ def merge_main(paths: Sequence[str], out_dir: str, n_boot: int) -> int:
     b = res["summary"]["beats_best_baseline"]
     print(f"merged {len(parts)} evaluations ({res['settings']['episodes']} episodes per family): ours (early) beats "
           f"the best no-learning baseline on {b['ours_early']['count']} of {b['ours_early']['of']} families, "
-          f"ours (full) on {b['ours_full']['count']}; wrote {out_dir}/results.json, results.md")
+          f"ours (full) on {b['ours_full']['count']}"
+          + (f", ensemble (early) on {b['ensemble_early']['count']}" if "ensemble_early" in b else "")
+          + f"; wrote {out_dir}/results.json, results.md")
     return 0
 
 
@@ -721,7 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pico_jax.eval",
         description="Evaluate a PICO checkpoint on procedural relation episodes (evaluation seeds): "
-                    "ours (early / full selection), a random seed, the oracle seed and no-learning baselines. "
+                    "ours (early / full selection), test-time ensembles (per-pixel median of the kept seeds), a "
+                    "random seed, the oracle seed and no-learning baselines. "
                     "Writes OUT/results.json, OUT/results.md and OUT/sheet_<split>.png.")
     p.add_argument("--checkpoint", metavar="DIR", help="a pico checkpoint directory (default: the bundled pico-tiny)")
     p.add_argument("--split", choices=["heldout", "train"], default="heldout", help="family split (default heldout)")
@@ -732,6 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-steps", type=int, help="steps the scorer reads / early-selection point k (default: the checkpoint's)")
     p.add_argument("--scorer", metavar="NAME", help="seed scorer: an attention preset (context, focus, ...) or "
                                                     "consensus (default: the checkpoint's)")
+    p.add_argument("--ensemble-keep", type=int, metavar="K",
+                   help="seeds early selection keeps for the ensemble_early row (default: half of --seeds, at least 2)")
     p.add_argument("--panel-size", type=int, help="episode image size in px (default: the model's panel)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--batch-size", type=int, default=4, help="episodes per compiled batch (default 4)")
@@ -760,6 +802,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fail(f"--{flag.replace('_', '-')} must be at least 1 (got {v})")
     if not (0 <= args.sample_seed and args.sample_seed + args.seeds <= 2**31):
         return fail(f"--sample-seed must be in 0..2**31-seeds (got {args.sample_seed})")
+    if args.ensemble_keep is not None and not 2 <= args.ensemble_keep <= args.seeds:
+        return fail(f"--ensemble-keep must be within 2..--seeds ({args.seeds}) (got {args.ensemble_keep})")
     if args.episode_offset < 0:
         return fail(f"--episode-offset must be >= 0 (got {args.episode_offset})")
     if args.merge:
@@ -789,14 +833,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         res = evaluate(pipe, families, args.episodes, args.seeds, steps=args.steps, score_steps=args.score_steps,
                        panel_size=args.panel_size, sample_seed=args.sample_seed, episode_offset=args.episode_offset,
-                       n_boot=args.bootstrap, sheet_episodes=args.sheet_episodes, out_dir=args.out,
+                       ensemble_keep=args.ensemble_keep, n_boot=args.bootstrap, sheet_episodes=args.sheet_episodes, out_dir=args.out,
                        split=None if args.families else args.split,
                        progress=not args.no_progress,
                        settings_extra={"checkpoint": str(args.checkpoint or "bundled pico-tiny")})
     except ValueError as e:  # e.g. --score-steps > --steps
         return fail(str(e))
-    b = res["summary"]["beats_best_baseline"]["ours_early"]
-    print(f"ours (early) beats the best no-learning baseline on {b['count']} of {b['of']} families; "
+    beats = res["summary"]["beats_best_baseline"]
+    b = beats["ours_early"]
+    ens = f", ensemble (early) on {beats['ensemble_early']['count']}" if "ensemble_early" in beats else ""
+    print(f"ours (early) beats the best no-learning baseline on {b['count']} of {b['of']} families{ens}; "
           f"wrote {args.out}/results.json, results.md, sheet_{res['settings']['split']}.png")
     return 0
 

@@ -22,7 +22,9 @@ and OUT/scores.json     every seed's score and the chosen seed, per query.
 
 Several seeds are sampled per query and an attention-guided scorer picks the best: with
 --selection early (default) all seeds run only the first --score-steps steps, the best
---keep finish, which costs far less than sampling every seed to the end."""
+--keep finish, which costs far less than sampling every seed to the end. With --ensemble median,
+B' is the per-pixel median of the --keep kept candidates instead of the best one (test-time
+ensembling: it cancels sampling noise; it helps most on restoration-like relations)."""
 
 EPILOG = """\
 examples:
@@ -33,6 +35,9 @@ examples:
   # 16 seeds, 30 steps, keep and save the 3 best candidates
   python infer.py --exemplar a.png a_out.png --query b.png --query c.png --out out/ \\
                   --seeds 16 --steps 30 --keep 3 --save-candidates
+
+  # ensemble: score 8 seeds early, finish the best 4, output their per-pixel median
+  python infer.py --exemplar a.png a_out.png --query b.png --out out/ --keep 4 --ensemble median
 
   # thousands of triples, batched: one JSON object per line
   #   {"exemplar": "a.png", "exemplar_out": "a_out.png", "query": "b.png", "name": "b1"}
@@ -60,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", type=int, help="how many of the best seeds are finished and kept (m)")
     s.add_argument("--selection", choices=["early", "full", "random"],
                    help="early: score after --score-steps and finish the best; full: finish all, pick best; random: one seed")
+    s.add_argument("--ensemble", choices=["median", "mean", "off"],
+                   help="output the per-pixel median or mean of the --keep kept candidates (needs --keep >= 2) "
+                        "instead of the best one; off: the best one")
     s.add_argument("--score-steps", type=int, help="early steps the scorer reads (k)")
     s.add_argument("--scorer", metavar="NAME",
                    help="how seeds are scored: an attention preset (context, focus, exemplar, query, self) or "
@@ -227,6 +235,8 @@ def main(argv=None) -> int:
 
     overrides = {k: getattr(args, k) for k in ("seeds", "steps", "keep", "selection", "guidance", "seed_batch") if getattr(args, k) is not None}
     plan = dataclasses.replace(pipe.plan, **overrides)
+    if args.ensemble is not None:
+        plan = dataclasses.replace(plan, ensemble=None if args.ensemble == "off" else args.ensemble)
     if args.score_steps is not None:
         plan = dataclasses.replace(plan, scorer=dataclasses.replace(plan.scorer, steps=args.score_steps))
     if args.scorer is not None:
@@ -286,6 +296,8 @@ def main(argv=None) -> int:
                     "exemplar": r["exemplar"], "exemplar_out": r["exemplar_out"], "query": r["query"],
                     "chosen_seed": res.chosen_seed, "seeds": res.seeds, "scores": res.scores,
                 }
+                if plan.ensemble:
+                    report["queries"][r["name"]]["ensembled_seeds"] = res.candidate_seeds
             bar.update(len(chunk))
             cache.clear()
     except InputError as e:

@@ -14,6 +14,13 @@ Selection modes (`selection=`):
              ≈ S·k + m·(T - k) model calls instead of S·T);
   "full"   – all S seeds run all T steps, scored on every step; best m kept;
   "random" – one seed (the first) is run; no scoring (the baseline).
+
+Ensembling (`ensemble="median"` or `"mean"`, any selection with keep ≥ 2): the returned B' is
+the per-pixel median (or mean) of the m kept candidates' decoded panels (test-time ensembling, as
+Marigold does for depth). It cancels the sampling noise that costs a single sample its PSNR on
+near-identity relations (denoise, derain); the median also ignores the odd failed seed, which
+the mean averages in (README, "Ensembling"). A mask rendered from the median is a per-pixel
+majority vote. The candidates stay individual.
 """
 
 from __future__ import annotations
@@ -163,6 +170,9 @@ class SamplingPlan:
     # Seeds run together (vmapped) in the scored phase; the rest of the seeds wait in a loop.
     # None: per backend (seed_batch_for_backend). The result does not depend on it.
     seed_batch: int | None = None
+    # None, or "median" / "mean": B' = that per-pixel statistic of the `keep` kept candidates
+    # (module docstring, "Ensembling").
+    ensemble: str | None = None
 
     def validate(self) -> "SamplingPlan":
         if self.selection not in ("early", "full", "random"):
@@ -174,6 +184,12 @@ class SamplingPlan:
         if self.selection == "early" and not 1 <= self.scorer.steps <= self.steps:
             raise ValueError(f"scorer steps k={self.scorer.steps} (--score-steps) must be within 1..{self.steps} "
                              "denoising steps (--steps)")
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble (--ensemble) must be one of {sorted(k for k in ENSEMBLES if k)} or None "
+                             f"(got {self.ensemble!r})")
+        if self.ensemble and (self.selection == "random" or self.keep < 2):
+            raise ValueError(f"ensemble combines the kept candidates, so it needs selection early or full and keep >= 2 "
+                             f"(--keep; got selection={self.selection!r}, keep={self.keep})")
         if self.seed_batch is not None and self.seed_batch < 1:
             raise ValueError(f"seed_batch (--seed-batch) must be >= 1 (got {self.seed_batch})")
         return self
@@ -187,6 +203,20 @@ def seed_batch_for_backend(seeds: int, backend: str | None = None) -> int:
     TPU, one canvas leaves most of the chip idle and the batch is what fills it."""
     backend = backend or jax.default_backend()
     return 1 if backend == "cpu" else seeds
+
+
+ENSEMBLES = (None, "median", "mean")
+
+
+def ensemble_panels(panels: Sequence[np.ndarray], how: str) -> np.ndarray:
+    """The per-pixel median or mean of candidate images (each already clipped to [0, 1], so the
+    result is a combination of images a user could have been shown)."""
+    stack = np.stack([np.asarray(p, np.float32) for p in panels])
+    if how == "median":
+        return np.median(stack, 0).astype(np.float32)
+    if how == "mean":
+        return stack.mean(0, dtype=np.float32)
+    raise ValueError(f"unknown ensemble {how!r}; expected one of {[k for k in ENSEMBLES if k]}")
 
 
 class Samples(NamedTuple):
@@ -301,8 +331,8 @@ def sample(
 class Result:
     """One query's output."""
 
-    image: np.ndarray  # B' at B's original size, float32 HxWx3 in [0, 1]
-    canvas: np.ndarray  # the 2P × 2P canvas with the chosen B' painted in, [0, 1]
+    image: np.ndarray  # B' at B's original size, float32 HxWx3 in [0, 1] (the kept candidates' mean if ensembled)
+    canvas: np.ndarray  # the 2P × 2P canvas with that B' painted in, [0, 1]
     chosen_seed: int
     seeds: list[int]
     scores: list[float]  # per seed (zeros for selection="random")
@@ -353,6 +383,7 @@ class Pipeline:
 
     # --- running ---------------------------------------------------------------------------
     def _fn(self, plan: SamplingPlan):
+        plan = dataclasses.replace(plan, ensemble=None)  # ensembling happens on the host: same program
         key = plan
         if key not in self._compiled:
             graphdef, layout, ae = self._graphdef, self.layout, self.autoencoder
@@ -387,7 +418,7 @@ class Pipeline:
         """Paint B' for every query. Images are arrays in [0, 1], PIL images or paths.
 
         seed: the first seed; seeds are seed, seed+1, ..., seed+S-1. plan_overrides: fields of
-        SamplingPlan (steps, seeds, keep, selection, scorer, guidance, mu, seed_batch)."""
+        SamplingPlan (steps, seeds, keep, selection, scorer, guidance, mu, seed_batch, ensemble)."""
         plan = dataclasses.replace(self.plan, **plan_overrides).validate()
         canvases = self.canvases(exemplar, exemplar_out, queries)
         return self.run_canvases(canvases, plan, seed, progress)
@@ -404,19 +435,20 @@ class Pipeline:
                 batch = np.concatenate([batch, np.repeat(batch[-1:], pad, 0)])
             images, chosen, scores = jax.device_get(fn(self._state, jnp.asarray(batch), self.text, jnp.asarray(seeds)))
             for i, c in enumerate(chunk):
-                results.append(self._result(c, images[:, i], chosen[:, i], scores[:, i], seeds))
+                results.append(self._result(c, images[:, i], chosen[:, i], scores[:, i], seeds, plan.ensemble))
             if progress is not None:
                 progress(len(chunk))
         return results
 
-    def _result(self, canvas: grid.Canvas, images, chosen, scores, seeds) -> Result:
+    def _result(self, canvas: grid.Canvas, images, chosen, scores, seeds, ensemble: str | None = None) -> Result:
         painted = np.clip((images + 1.0) / 2.0, 0.0, 1.0)  # (m, 2P, 2P, 3)
         panels = [grid.split(p, self.layout.panel)[3] for p in painted]
+        out = ensemble_panels(panels, ensemble) if ensemble else panels[0]
         full = canvas.image.copy()
         p = self.layout.panel
-        full[p:, p:] = panels[0]
+        full[p:, p:] = out
         return Result(
-            image=canvas.restore_output(panels[0]),
+            image=canvas.restore_output(out),
             canvas=full,
             chosen_seed=int(seeds[int(chosen[0])]),
             seeds=[int(s) for s in seeds],

@@ -22,7 +22,7 @@ PANEL, AE = 16, 2
 CFG = FluxConfig(num_double=1, num_single=1, num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), in_channels=112,
                  out_channels=48, context_dim=16, pooled_dim=16, guidance_embeds=False)
 FAMS = {"segment_color": "mask", "denoise": "image"}
-EPISODES, SEEDS = 2, 2
+EPISODES, SEEDS = 2, 4  # 4 seeds: ensemble_early (the best 2 by the early scores) differs from ensemble_full
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -140,7 +140,7 @@ def test_results_json_has_every_method_and_metric(evaluated):
             for m in methods:
                 assert set(e["metrics"][m]) == metrics
                 assert all(isinstance(v, float) for v in e["metrics"][m].values())
-            assert len(e["candidates"]) == SEEDS and e["seeds"] == [0, 1]
+            assert len(e["candidates"]) == SEEDS and e["seeds"] == list(range(SEEDS))
         s = res["summary"]["families"][fam]
         assert set(s["score"]) == methods and s["best_baseline"]["method"] in ev.BASELINES
     assert set(res["summary"]["groups"]) == {"overall/mask", "overall/image", "semantic/mask", "restoration/image"}
@@ -182,6 +182,41 @@ def test_selection_methods_are_consistent_with_the_candidates(evaluated):
             assert [c["score"] for c in e["candidates"]] == e["scores_full"]
 
 
+def test_ensemble_rows_are_the_median_of_the_documented_seeds(checkpoint, evaluated):
+    """ensemble_early is what the early plan with keep=K and ensemble="median" returns (checked by
+    running that plan), and ensemble_full the median of all N full-run candidates."""
+    import dataclasses
+
+    from pico_jax import grid
+
+    res, _ = evaluated
+    st = res["settings"]
+    assert st["ensemble"] == {"how": "median", "early_keep": SEEDS // 2}
+    assert st["model_calls_per_episode"]["ensemble_early"] == SEEDS * 1 + (SEEDS // 2) * (2 - 1)
+    pipe = load_pico(checkpoint, batch_size=2)
+    early, full = ev._plans(pipe, SEEDS, 2, 1)
+    plan_e = dataclasses.replace(early, keep=SEEDS // 2, ensemble="median")
+    plan_f = dataclasses.replace(full, ensemble="median")
+    differs = 0
+    for fam, kind in FAMS.items():
+        for i, e in enumerate(res["families"][fam]["episodes"]):
+            top = np.argsort(-np.asarray(e["scores_early"], np.float32), kind="stable")[:SEEDS // 2]
+            assert e["ensemble_early_seeds"] == [e["seeds"][int(t)] for t in top]
+            ep = sample_episode(fam, eval_seed(i), PANEL)
+            cv = grid.compose(ep.A, ep.A_out, ep.B, panel=PANEL, policy=pipe.policy, multiple=2 * AE)
+            for row, plan in (("ensemble_early", plan_e), ("ensemble_full", plan_f)):
+                r = pipe.run_canvases([cv], plan)[0]
+                got = ev.metrics_for(kind, np.clip(r.image, 0, 1), ep.B_out)
+                for k, v in e["metrics"][row].items():
+                    assert v == pytest.approx(got[k], abs=1e-3), (fam, i, row, k)
+            differs += e["metrics"]["ensemble_early"] != e["metrics"]["ensemble_full"]
+    assert differs > 0  # the two rows are different predictions
+    g = res["summary"]["groups"]["overall/image"]
+    c = g["ensemble_early_minus_early"]
+    assert c["ci_low"] <= c["mean"] <= c["ci_high"]
+    assert set(res["summary"]["beats_best_baseline"]) == set(ev.OURS)
+
+
 def test_summary_statistics(evaluated):
     res, _ = evaluated
     summ = res["summary"]
@@ -207,12 +242,13 @@ def test_markdown_and_sheet(evaluated):
     res, out = evaluated
     md = (out / "results.md").read_text()
     for s in ("segment_color", "denoise", "| family |", "ours_early", "threshold_B", "best baseline",
-              "beats the best no-learning baseline on", "early − random", "early − full", "**semantic**"):
+              "beats the best no-learning baseline on", "early − random", "early − full", "**semantic**",
+              "ensemble_early", "ensemble (early) beats", "ensemble (early) − early", "per-pixel median of the 2 seeds"):
         assert s in md, s
     sheet = np.asarray(Image.open(out / "sheet_train.png"))
     rows = 2 * len(FAMS)
     cell = PANEL * 6  # 16-px panels upscaled to >= 96 px
-    assert sheet.shape == (20 + rows * (cell + 4) + 4, 170 + 5 * (cell + 4) + 4, 3)
+    assert sheet.shape == (20 + rows * (cell + 4) + 4, 170 + 6 * (cell + 4) + 4, 3)
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temp files left
 
 

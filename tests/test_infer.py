@@ -155,6 +155,7 @@ def _bad_inputs(tmp_path, imgs, checkpoint):
         "keep > seeds": (ck + ex + ["--query", imgs["b"], "--seeds", "2", "--keep", "3"], ["--keep", "3"]),
         "score steps > steps": (ck + ex + ["--query", imgs["b"], "--steps", "2", "--score-steps", "3"], ["--score-steps"]),
         "unknown scorer": (ck + ex + ["--query", imgs["b"], "--scorer", "best"], ["--scorer", "'best'", "consensus"]),
+        "ensemble of one": (ck + ex + ["--query", imgs["b"], "--ensemble", "median", "--keep", "1"], ["ensemble", "--keep"]),
         "manifest and query": (ck + ["--manifest", str(t / "nokey.jsonl"), "--query", imgs["b"]], ["--manifest"]),
         "no query": (ck + ex, ["--query"]),
         "not a checkpoint": (["--checkpoint", str(t / "not_pico")] + ex + ["--query", imgs["b"]], ["not_pico", "pico"]),
@@ -163,6 +164,7 @@ def _bad_inputs(tmp_path, imgs, checkpoint):
 
 CASES = ["missing image", "missing exemplar", "non-image", "empty file", "bad json line", "missing key",
          "not an object", "missing manifest", "path in name", "seeds 0", "negative seed", "keep > seeds", "score steps > steps", "unknown scorer",
+         "ensemble of one",
          "manifest and query", "no query", "not a checkpoint"]
 
 
@@ -244,6 +246,26 @@ def test_save_png_atomic_cleans_up_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         imageio.save_png_atomic(np.zeros((4, 4, 3), np.float32), tmp_path / "x.png")
     assert os.listdir(tmp_path) == []
+
+
+def test_ensemble_flag_writes_the_median_of_the_kept_candidates(tmp_path, imgs, checkpoint, capsys):
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"], "--out", str(out),
+               "--seeds", "3", "--keep", "3", "--ensemble", "median", "--save-candidates", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "scores.json").read_text())
+    assert report["plan"]["ensemble"] == "median"
+    q = report["queries"]["b"]
+    assert sorted(q["ensembled_seeds"]) == q["seeds"]
+
+    def rgb(name):
+        with Image.open(out / name) as im:
+            return np.asarray(im.convert("RGB")).astype(np.int16)
+
+    cands = np.stack([rgb(f"b_cand{i}.png") for i in range(3)])
+    panel = rgb("b_grid.png")[PANEL:, PANEL:]
+    assert np.abs(panel - np.median(cands, 0)).max() <= 1  # the PNGs are each rounded to 8 bits
+    assert np.abs(panel - cands[0]).max() > 1  # not just the best candidate
 
 
 def test_consensus_scorer_flag(tmp_path, imgs, checkpoint, capsys):

@@ -25,6 +25,7 @@ from pico_jax.pipeline import (
     SamplingPlan,
     TextConditioning,
     decode_tokens,
+    ensemble_panels,
     encode_tokens,
     fill_condition,
     sample,
@@ -222,6 +223,36 @@ def test_early_selection_finishes_the_best_m_with_unchanged_trajectories(model, 
     assert res.chosen_seed == int(np.argmax(res.scores))
 
 
+@pytest.mark.parametrize("how", ["median", "mean"])
+def test_ensemble_returns_the_statistic_of_the_kept_candidates(how, pipe):
+    a, a_out, q = _images(3, seed=4)
+    q_odd = _images(1, seed=5, size=(12, 20))[0]
+    plain = pipe(a, a_out, [q, q_odd], keep=3)
+    n_compiled = len(pipe._compiled)
+    ens = pipe(a, a_out, [q, q_odd], keep=3, ensemble=how)
+    assert len(pipe._compiled) == n_compiled  # the same program: the ensemble is taken on the host
+    stat = np.median if how == "median" else np.mean
+    for p, e in zip(plain, ens):
+        assert e.candidate_seeds == p.candidate_seeds and e.chosen_seed == p.chosen_seed and len(e.candidates) == 3
+        for c_p, c_e in zip(p.candidates, e.candidates):  # candidates stay individual
+            np.testing.assert_array_equal(c_p, c_e)
+        panel = stat(np.stack(p.candidates), 0)
+        np.testing.assert_allclose(e.canvas[PANEL:, PANEL:], panel, atol=1e-6)
+        np.testing.assert_array_equal(e.canvas[:PANEL], p.canvas[:PANEL])  # A, A' and B untouched
+        assert e.image.shape == p.image.shape
+        # ...and differs from the best candidate (three different seeds do not agree everywhere)
+        assert np.abs(e.canvas[PANEL:, PANEL:] - p.candidates[0]).max() > 1e-4
+    np.testing.assert_allclose(ens[0].image, ens[0].canvas[PANEL:, PANEL:], atol=1e-6)  # square query: no resize
+
+
+def test_ensemble_panels_statistics_and_errors():
+    panels = [np.full((2, 2, 3), v, np.float32) for v in (0.0, 0.1, 0.9)]
+    np.testing.assert_allclose(ensemble_panels(panels, "median"), 0.1)
+    np.testing.assert_allclose(ensemble_panels(panels, "mean"), 1.0 / 3.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown ensemble"):
+        ensemble_panels(panels, "mode")
+
+
 def test_early_scores_are_the_documented_attention_statistic(model, conditioned, text, layout):
     """k = 1: the score is Σ_j w_j · group_mass[B', j] of the very first model call (t = 1, where
     every token, known or not, is the seed's noise), averaged over the scored layers."""
@@ -357,6 +388,14 @@ def test_sampling_plan_validation():
     SamplingPlan(steps=4, selection="full", scorer=ScorerConfig(steps=5)).validate()  # k unused by full
     with pytest.raises(ValueError, match="seed_batch"):
         SamplingPlan(seed_batch=0).validate()
+    SamplingPlan(seeds=4, keep=2, ensemble="median").validate()
+    SamplingPlan(seeds=4, keep=4, selection="full", ensemble="mean").validate()
+    with pytest.raises(ValueError, match="keep >= 2"):
+        SamplingPlan(seeds=4, keep=1, ensemble="median").validate()
+    with pytest.raises(ValueError, match="keep >= 2"):
+        SamplingPlan(seeds=4, keep=1, selection="random", ensemble="median").validate()
+    with pytest.raises(ValueError, match="--ensemble"):
+        SamplingPlan(seeds=4, keep=2, ensemble="average").validate()
 
 
 # ----------------------------------------------------------------------------- known panels
