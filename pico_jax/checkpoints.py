@@ -138,7 +138,7 @@ def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_si
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{meta_path}: invalid pico.json ({type(e).__name__}: {e})") from e
-    plan = dataclasses.replace(plan, **plan_overrides).validate()  # a bad override: ValueError, as before
+    plan = plan.override(**plan_overrides)  # a bad override: ValueError, as before
     transformer = load_flux_transformer(root / meta.get("transformer", "transformer"), dtype=dtype)
     try:
         ae = build_autoencoder(meta["autoencoder"], root, dtype)

@@ -194,6 +194,19 @@ class SamplingPlan:
             raise ValueError(f"seed_batch (--seed-batch) must be >= 1 (got {self.seed_batch})")
         return self
 
+    def override(self, **changes) -> "SamplingPlan":
+        """This plan with `changes` applied, validated. Fields the caller did not name follow the
+        ones it did: a default keep larger than the new seeds shrinks to seeds, and a default
+        ensemble is dropped when what was asked leaves nothing to combine (keep < 2, or selection
+        random), so `seeds=1` on a checkpoint whose default ensembles 4 of 8 seeds just works.
+        A conflict between fields the caller named is still an error."""
+        plan = dataclasses.replace(self, **changes)
+        if "keep" not in changes and plan.keep > plan.seeds:
+            plan = dataclasses.replace(plan, keep=plan.seeds)
+        if "ensemble" not in changes and plan.ensemble and (plan.keep < 2 or plan.selection == "random"):
+            plan = dataclasses.replace(plan, ensemble=None)
+        return plan.validate()
+
 
 def seed_batch_for_backend(seeds: int, backend: str | None = None) -> int:
     """How many seeds to run at once when the plan leaves it open: one at a time on CPU, all
@@ -418,8 +431,9 @@ class Pipeline:
         """Paint B' for every query. Images are arrays in [0, 1], PIL images or paths.
 
         seed: the first seed; seeds are seed, seed+1, ..., seed+S-1. plan_overrides: fields of
-        SamplingPlan (steps, seeds, keep, selection, scorer, guidance, mu, seed_batch, ensemble)."""
-        plan = dataclasses.replace(self.plan, **plan_overrides).validate()
+        SamplingPlan (steps, seeds, keep, selection, scorer, guidance, mu, seed_batch, ensemble),
+        applied with SamplingPlan.override (unnamed fields follow the named ones)."""
+        plan = self.plan.override(**plan_overrides)
         canvases = self.canvases(exemplar, exemplar_out, queries)
         return self.run_canvases(canvases, plan, seed, progress)
 

@@ -2,7 +2,10 @@
 a picture sheet: one row per example, A | A' | B | ours | truth, with the family's score (PSNR,
 or IoU for mask families) of ours and of copying B printed beside each row.
 
-    python scripts/bundled_examples.py [--checkpoint DIR] [--seeds 4] [--out results/bundled_examples.png]
+    python scripts/bundled_examples.py [--checkpoint DIR] [--seeds N] [--out results/bundled_examples.png]
+
+Sampling is the checkpoint's default (the bundled pico-tiny: 8 seeds, early selection, median of
+the best 4), so the sheet shows what `infer.py` writes; --seeds N overrides the seed count.
 
 The examples are assets/examples/<family>/{A,A_out,B,B_out}.png (scripts/make_examples.py writes
 them from evaluation seeds, which no training run sees).
@@ -26,7 +29,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="a pico checkpoint directory (default: the bundled pico-tiny)")
     ap.add_argument("--examples", default=str(ROOT / "assets" / "examples"), help="folder of <family>/ triples")
-    ap.add_argument("--seeds", type=int, default=4, help="candidates per query (the checkpoint's scorer picks one)")
+    ap.add_argument("--seeds", type=int, help="candidates per query (default: the checkpoint's)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bundled_examples.png"))
     args = ap.parse_args(argv)
 
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
     rows = []
     for d in folders:
         a, a_out, b, truth = (load_image(d / f"{n}.png") for n in ("A", "A_out", "B", "B_out"))
-        res = pipe(a, a_out, [b], seeds=args.seeds, keep=1)[0]
+        res = pipe(a, a_out, [b], **({"seeds": args.seeds} if args.seeds else {}))[0]
         ours = np.clip(res.image, 0, 1)
         kind = FAMILIES[d.name].output_kind if d.name in FAMILIES else "image"
         fmt = (lambda v: f"IoU {v:.2f}") if kind == "mask" else (lambda v: f"{v:.1f} dB")

@@ -25,6 +25,18 @@ def test_bundled_checkpoint_is_complete_and_small():
     assert size <= 25 * 2**20, f"bundled checkpoint is {size / 2**20:.1f} MB (budget 25 MB)"
 
 
+def test_bundled_sampling_defaults_are_the_configs_export_plan():
+    """pico.json's sampling is what configs/pico_tiny.py's export_sampling writes: the README's
+    evaluated setting (early consensus selection, median of the 4 kept seeds)."""
+    from pico_jax.checkpoints import load_pico
+    from pico_jax.train_cli import load_config_file
+    from pico_jax.trainer import export_plan
+
+    plan = load_pico().plan
+    assert plan == export_plan(load_config_file(str(ROOT / "configs" / "pico_tiny.py")))
+    assert (plan.selection, plan.keep, plan.ensemble) == ("early", 4, "median")
+
+
 def test_readme_main_command_on_the_bundled_example(tmp_path, capsys):
     d = EXAMPLES / "denoise"
     rc = main(["--exemplar", str(d / "A.png"), str(d / "A_out.png"), "--query", str(d / "B.png"),

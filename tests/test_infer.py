@@ -268,6 +268,22 @@ def test_ensemble_flag_writes_the_median_of_the_kept_candidates(tmp_path, imgs, 
     assert np.abs(panel - cands[0]).max() > 1  # not just the best candidate
 
 
+def test_an_ensembling_default_follows_the_flags_given(tmp_path, imgs, capsys):
+    """A checkpoint whose default ensembles (the bundled pico-tiny's shape): --seeds 1 or --keep 1
+    alone run one seed without an error about the default they did not set."""
+    plan = SamplingPlan(steps=2, seeds=3, keep=2, selection="early", scorer=ScorerConfig(steps=1), ensemble="median")
+    ck = str(save_pico(tmp_path / "ens", FluxTransformer(CFG, rngs=nnx.Rngs(0)), panel=PANEL,
+                       autoencoder={"kind": "pixel", "factor": 2}, plan=plan))
+    for flags, keep, ensemble in ([], 2, "median"), (["--seeds", "1"], 1, None), (["--keep", "1"], 1, None):
+        out = tmp_path / f"out{len(flags)}{flags[:1]}"
+        rc = main(["--checkpoint", ck, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
+                   "--out", str(out), "--no-progress", *flags])
+        assert rc == 0, capsys.readouterr().err
+        report = json.loads((out / "scores.json").read_text())
+        assert (report["plan"]["keep"], report["plan"]["ensemble"]) == (keep, ensemble), flags
+        assert ("ensembled_seeds" in report["queries"]["b"]) == (ensemble is not None)
+
+
 def test_consensus_scorer_flag(tmp_path, imgs, checkpoint, capsys):
     out = tmp_path / "out"
     rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"], "--out", str(out),

@@ -398,6 +398,21 @@ def test_sampling_plan_validation():
         SamplingPlan(seeds=4, keep=2, ensemble="average").validate()
 
 
+def test_override_adapts_the_fields_the_caller_did_not_name():
+    default = SamplingPlan(seeds=8, keep=4, ensemble="median").validate()  # the bundled pico-tiny's shape
+    assert default.override(seeds=2) == dataclasses.replace(default, seeds=2, keep=2)  # still an ensemble of 2
+    assert default.override(seeds=1) == dataclasses.replace(default, seeds=1, keep=1, ensemble=None)
+    assert default.override(keep=1).ensemble is None
+    assert default.override(selection="random").ensemble is None
+    assert default.override(seeds=16) == dataclasses.replace(default, seeds=16)  # nothing else moves
+    assert default.override(ensemble=None) == dataclasses.replace(default, ensemble=None)
+    # what the caller named is never rewritten: a conflict among named fields is an error
+    with pytest.raises(ValueError, match="cannot keep 4 of 2"):
+        default.override(seeds=2, keep=4)
+    with pytest.raises(ValueError, match="keep >= 2"):
+        default.override(keep=1, ensemble="median")
+
+
 # ----------------------------------------------------------------------------- known panels
 class _GarbageModel:
     """Velocity = large nonsense; records (step input, t) through a debug callback."""
