@@ -16,9 +16,9 @@ the model paints B' by applying the same transformation to each B. Nothing names
 the exemplar defines it (segment *this* object, recolour, denoise, estimate depth, ...).
 
 For every query, writes
-  OUT/<query>.png        the chosen B', at the query's original size
+  OUT/<query>.png        B' (the ensemble, or the chosen seed), at the query's original size
   OUT/<query>_grid.png   the 2x2 canvas  [A | A'] / [B | B']
-and OUT/scores.json     every seed's score and the chosen seed, per query.
+and OUT/scores.json     every seed's score, the chosen seed and the ensembled seeds, per query.
 
 Several seeds are sampled per query and an attention-guided scorer picks the best: with
 --selection early (default) all seeds run only the first --score-steps steps, the best
@@ -27,8 +27,8 @@ B' is the per-pixel median of the --keep kept candidates instead of the best one
 ensembling: it cancels sampling noise; it helps most on restoration-like relations).
 
 Defaults come from the checkpoint. The bundled pico-tiny's: 12 steps, 8 seeds scored after 2,
-the best 4 finished, B' = their median (56 model calls per query; --ensemble off --keep 1: the
-best seed alone, 26 calls). Flags you leave out follow the ones you give: --seeds 2 finishes
+the best 4 finished, B' = their median (56 model calls per query; --keep 1: the best seed
+alone, 26 calls). Flags you leave out follow the ones you give: --seeds 2 finishes
 at most 2, --keep 1 or --selection random outputs one seed without ensembling."""
 
 EPILOG = """\
@@ -42,7 +42,7 @@ examples:
                   --seeds 16 --steps 30 --keep 3 --save-candidates
 
   # the single best seed instead of the default ensemble (about half the time)
-  python infer.py --exemplar a.png a_out.png --query b.png --out out/ --keep 1 --ensemble off
+  python infer.py --exemplar a.png a_out.png --query b.png --out out/ --keep 1
 
   # thousands of triples, batched: one JSON object per line
   #   {"exemplar": "a.png", "exemplar_out": "a_out.png", "query": "b.png", "name": "b1"}
@@ -250,8 +250,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"infer.py: error: --scorer: {e}", file=sys.stderr)
             return 2
-    if scorer != pipe.plan.scorer:
-        changes["scorer"] = scorer
+    changes["scorer"] = scorer
     try:  # flags not given follow the ones given (SamplingPlan.override): --seeds 2 keeps at most 2
         plan = pipe.plan.override(**changes)
     except ValueError as e:
