@@ -3,10 +3,16 @@ identical weights and inputs, in the same process, plus the fraction of this mac
 matmul rate that our forward reaches.
 
     python benchmarks/bench_forward.py [--double 2 --single 4 --width 512 --tokens 32 --text 32 --repeat 5]
+    python benchmarks/bench_forward.py --dtype bfloat16     # both models in bf16 (weights and compute)
 
 Default (the issue's setting): 2 double + 4 single blocks, width 512 (8 heads x 64), a 2x2 canvas of
 32x32 tokens (1024 image tokens) + 32 text tokens, batch 1, fp32. Runs are interleaved (ours,
 theirs, ours, ...) so background load affects both alike; medians are reported.
+
+With --dtype bfloat16 both sides hold bf16 weights and compute in bf16 (diffusers via
+`.to(torch.bfloat16)`, ours via `load_flux_transformer(dtype=bfloat16)`), and the matmul rate is
+measured for bf16 operands (jax with fp32 accumulation, torch's bf16 `mm`). The difference is
+reported against diffusers' fp32 output scale, so it includes bf16 rounding on both sides.
 """
 
 from __future__ import annotations
@@ -35,17 +41,18 @@ def forward_flops(width: int, n_double: int, n_single: int, n_img: int, n_txt: i
     return float(blocks + io)
 
 
-def matmul_rate(n: int = 2048, repeat: int = 5) -> tuple[float, float]:
-    """Peak fp32 matmul FLOP/s of this machine as JAX (XLA:CPU) and torch achieve it."""
+def matmul_rate(n: int = 2048, repeat: int = 5, dtype: str = "float32") -> tuple[float, float]:
+    """Peak matmul FLOP/s of this machine as JAX (XLA:CPU) and torch achieve it, for `dtype`
+    operands (bf16: jax accumulates in fp32, its fastest bf16 form on CPU)."""
     import jax
     import jax.numpy as jnp
     import torch
 
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     tj = min(_time(lambda: f(a).block_until_ready()) for _ in range(repeat))
-    ta = torch.ones(n, n)
+    ta = torch.ones(n, n, dtype=getattr(torch, dtype))
     torch.mm(ta, ta)
     tt = min(_time(lambda: torch.mm(ta, ta)) for _ in range(repeat))
     flops = 2 * n**3
@@ -67,6 +74,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=32, help="canvas side in tokens (image tokens = tokens^2)")
     ap.add_argument("--text", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="weights and compute dtype of both models (default float32, the issue's setting)")
     args = ap.parse_args(argv)
 
     import jax
@@ -84,8 +93,14 @@ def main(argv=None):
                                 num_attention_heads=heads, joint_attention_dim=4096, pooled_projection_dim=768,
                                 in_channels=64, guidance_embeds=True, axes_dims_rope=rope).eval()
     with tempfile.TemporaryDirectory() as d:
-        tm.save_pretrained(d)
-        ours = jit_forward(load_flux_transformer(d, dtype=jnp.float32))
+        tm.save_pretrained(d)  # fp32 on disk; each side casts to the benchmark dtype
+        ours = jit_forward(load_flux_transformer(d, dtype=getattr(jnp, args.dtype)))
+    reference_fp32 = None
+    if args.dtype != "float32":
+        reference_fp32 = tm
+        tm = FluxTransformer2DModel.from_config(tm.config).eval()
+        tm.load_state_dict(reference_fp32.state_dict())
+        tm = tm.to(getattr(torch, args.dtype))
 
     n_img, n_txt = args.tokens**2, args.text
     g = np.random.default_rng(0)
@@ -99,7 +114,8 @@ def main(argv=None):
         txt_ids=np.zeros((n_txt, 3), np.float32),
         guidance=np.array([3.5], np.float32),
     )
-    t_in = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    t_in32 = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    t_in = {k: v.to(getattr(torch, args.dtype)) for k, v in t_in32.items()}
     j_in = {k: jnp.asarray(v) for k, v in inputs.items()}
 
     def run_ours():
@@ -110,28 +126,38 @@ def main(argv=None):
             return tm(**t_in, return_dict=False)[0]
 
     t0 = time.perf_counter()
-    out_j = np.asarray(run_ours())
+    out_j = np.asarray(run_ours()).astype(np.float32)
     compile_s = time.perf_counter() - t0
-    out_t = run_theirs().numpy()
+    out_t = run_theirs().float().numpy()
     err = float(np.abs(out_j - out_t).max() / np.abs(out_t).max())
+    err_ref = {}
+    if reference_fp32 is not None:
+        with torch.inference_mode():
+            out_ref = reference_fp32(**t_in32, return_dict=False)[0].numpy()
+        scale = np.abs(out_ref).max()
+        err_ref = {"ours": float(np.abs(out_j - out_ref).max() / scale),
+                   "diffusers": float(np.abs(out_t - out_ref).max() / scale)}
     tj, tt = [], []
     for _ in range(args.repeat):
         tj.append(_time(run_ours))
         tt.append(_time(run_theirs))
     mj, mt = statistics.median(tj), statistics.median(tt)
     flops = forward_flops(args.width, args.double, args.single, n_img, n_txt, 64, 4096, 64)
-    rate_jax, rate_torch = matmul_rate()
+    rate_jax, rate_torch = matmul_rate(dtype=args.dtype)
     peak = max(rate_jax, rate_torch)
 
     print(f"device: {jax.devices()[0].platform}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
           f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"model: {args.double} double + {args.single} single blocks, width {args.width} ({heads}x{args.head_dim}), "
-          f"{n_img} image + {n_txt} text tokens, batch 1, fp32; {flops / 1e9:.1f} GFLOP per forward")
+          f"{n_img} image + {n_txt} text tokens, batch 1, {args.dtype}; {flops / 1e9:.1f} GFLOP per forward")
     print(f"max rel. difference ours vs diffusers: {err:.2e}; our compile+first call {compile_s:.1f} s")
+    if err_ref:
+        print(f"  vs diffusers in fp32 on the same weights: ours {err_ref['ours']:.2e}, "
+              f"diffusers {args.dtype} {err_ref['diffusers']:.2e}")
     print(f"  ours (jax.jit)      {mj * 1e3:8.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in tj)})")
     print(f"  diffusers (torch)   {mt * 1e3:8.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in tt)})")
     print(f"  speed-up ours/diffusers = {mt / mj:.2f}x")
-    print(f"matmul rate (2048^2 fp32): jax {rate_jax / 1e9:.1f} GFLOP/s, torch {rate_torch / 1e9:.1f} GFLOP/s")
+    print(f"matmul rate (2048^2 {args.dtype}): jax {rate_jax / 1e9:.1f} GFLOP/s, torch {rate_torch / 1e9:.1f} GFLOP/s")
     print(f"  ours reaches {flops / mj / 1e9:.1f} GFLOP/s = {flops / mj / peak:.0%} of the machine's measured matmul rate; "
           f"diffusers {flops / mt / 1e9:.1f} GFLOP/s = {flops / mt / peak:.0%}")
 

@@ -307,3 +307,40 @@ def test_time_scaling_rounds_like_diffusers(dtype):
     np.testing.assert_array_equal(np.asarray(scaled_time(values, getattr(jnp, dtype))), want)
     if dtype == "bfloat16":
         assert float(scaled_time(np.float32(3.5), jnp.bfloat16)) == 3504.0  # not 3500: bf16 has 8 mantissa bits
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_bf16_stacks_read_by_bits_match_plain_slicing(monkeypatch, remat):
+    """On CPU a bf16 stack is read layer by layer through its bits (flux.take_layer), so XLA does
+    not convert whole stacks to fp32 each call. Values and gradients must equal plain slicing."""
+    from pico_jax.model import flux
+
+    cfg = FluxConfig(num_double=2, num_single=3, num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), in_channels=8,
+                     context_dim=16, pooled_dim=8, guidance_embeds=False, remat=remat)
+    model = flux.FluxTransformer(cfg, rngs=nnx.Rngs(3), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+    g = np.random.default_rng(0)
+    args = (g.standard_normal((2, 16, 8)).astype(np.float32), g.standard_normal((2, 4, 16)).astype(np.float32),
+            g.standard_normal((2, 8)).astype(np.float32), np.array([0.3, 0.7], np.float32),
+            np.stack([np.zeros(16), np.arange(16) // 4, np.arange(16) % 4], 1).astype(np.float32),
+            np.zeros((4, 3), np.float32))
+
+    def loss(state, *a):
+        return jnp.sum(jnp.square(nnx.merge(graphdef, state)(*a).astype(jnp.float32)))
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    assert flux._slices_by_bits(state) and jax.default_backend() == "cpu"
+    got_loss, got_grad = value_and_grad(state, *args)
+    stack_shapes = {leaf.shape for path, leaf in jax.tree.leaves_with_path(state)
+                    if "blocks" in jax.tree_util.keystr(path) and leaf.ndim >= 3}
+    hlo = jax.jit(loss).lower(state, *args).compile().as_text()
+    for shape in stack_shapes:  # no fp32 copy of a whole stack in the compiled forward
+        assert f"f32[{','.join(map(str, shape))}]" not in hlo, shape
+
+    monkeypatch.setattr(flux, "_slices_by_bits", lambda state, backend=None: False)
+    want_loss, want_grad = jax.jit(jax.value_and_grad(loss))(state, *args)
+    assert float(got_loss) == float(want_loss)
+    flat_got, flat_want = jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)
+    assert len(flat_got) == len(flat_want) and any(np.any(np.asarray(w) != 0) for w in flat_want)
+    for a, b in zip(flat_got, flat_want):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

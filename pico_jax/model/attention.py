@@ -153,8 +153,14 @@ def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str
 
 
 def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Head-by-head attention forward; returns (out (B, N, H, D), logsumexp (H, B, N) fp32)."""
+    """Head-by-head attention forward; returns (out (B, N, H, D), logsumexp (H, B, N) fp32).
+
+    Logits, exponentials and their sums are fp32. For bf16/fp16 inputs the value product takes
+    the exponentials (in [0, 1]) rounded to the input dtype and accumulates in fp32, as flash
+    attention and torch's CPU SDPA do: XLA:CPU runs that product natively at about twice the fp32
+    rate (one layer of 1,056 tokens, 8 x 64, bf16: 27.0 -> 21.6 ms; torch SDPA 21.0 ms)."""
     scale = 1.0 / np.sqrt(q.shape[-1])
+    pv_dtype = q.dtype if jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16) else jnp.float32
 
     def one_head(qkv):
         qh, kh, vh = qkv  # (B, N, D)
@@ -162,7 +168,8 @@ def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Arr
         m = logits.max(-1, keepdims=True)
         e = jnp.exp(logits - m)
         total = e.sum(-1, keepdims=True)
-        out = jnp.einsum("bqk,bkd->bqd", e, vh.astype(jnp.float32)) / total
+        out = jnp.einsum("bqk,bkd->bqd", e.astype(pv_dtype), vh.astype(pv_dtype),
+                         preferred_element_type=jnp.float32) / total
         return out.astype(q.dtype), (m + jnp.log(total))[..., 0]
 
     out, lse = jax.lax.map(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)))
@@ -173,7 +180,8 @@ def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Arr
 def headwise_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Exact attention one head at a time (lax.map over heads): a head's (B, N, N) logits are small
     enough to stay in cache where all heads' are not, and the softmax normaliser is applied to the
-    (N, D) output instead of the (N, N) probabilities. Logits, exponentials and sums in fp32.
+    (N, D) output instead of the (N, N) probabilities. Logits, exponentials and sums in fp32 (the
+    value product of bf16/fp16 inputs in that dtype, accumulated in fp32: `_headwise_forward`).
     (B, N, H, D) × 3 → (B, N, H, D).
 
     The gradient is flash-attention style (custom VJP): the forward keeps only the output and the

@@ -150,13 +150,28 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        acc = accumulation_dtype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=acc)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(acc)
         if self.lora_a is not None:
             y = y + lora_delta(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype),
-                               float(self.lora_scale))
-        return y
+                               float(self.lora_scale)).astype(acc)
+        return y.astype(self.dtype)
+
+
+def accumulation_dtype(dtype: Any, backend: str | None = None) -> Any:
+    """The output dtype a linear layer's product is asked for before it is cast back to `dtype`.
+
+    On CPU, bf16/fp16 products ask for fp32: XLA:CPU runs bf16 x bf16 -> fp32 natively (YNNPACK, about
+    twice its fp32 matmul rate on AVX512_BF16), but a bf16-output dot is rewritten to fp32 ops, the
+    bf16 weights converted to fp32 on every call; bf16 forward 489 -> see benchmarks/RESULTS.md. The
+    bias is then added in fp32 and the sum rounded once. Elsewhere the product keeps `dtype` (GPU and
+    TPU accumulate in fp32 inside the kernel and write the narrow type, half the bytes)."""
+    dtype = jnp.dtype(dtype)
+    if dtype in (jnp.bfloat16, jnp.float16) and (backend or jax.default_backend()) == "cpu":
+        return jnp.float32
+    return dtype
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -359,16 +374,73 @@ def scaled_time(t, dtype) -> jax.Array:
 def _scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 1):
     """lax.scan of `body(block, carry, x) -> (carry, y)` over a stacked module's layers."""
     graphdef, state = nnx.split(stacked)
+    if remat != "none" and remat not in _REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose none, {', '.join(_REMAT_POLICIES)}")
+    unroll = True if unroll == 0 else unroll
 
-    def step(carry, layer):
-        layer_state, x = layer
-        return body(nnx.merge(graphdef, layer_state), carry, x)
+    if _slices_by_bits(state):
+        # The stack stays a loop constant and each layer is read through its bit pattern
+        # (`take_layer`): see there for why, on CPU, a narrow-float stack is not scanned over.
+        def indexed_step(carry, layer):
+            i, x = layer
+            layer_state = jax.tree.map(lambda a: take_layer(a, i), state)
+            return body(nnx.merge(graphdef, layer_state), carry, x)
 
+        step = indexed_step
+        scanned = (jnp.arange(stacked_depth(state)), xs)
+    else:
+        def sliced_step(carry, layer):
+            layer_state, x = layer
+            return body(nnx.merge(graphdef, layer_state), carry, x)
+
+        step = sliced_step
+        scanned = (state, xs)
     if remat != "none":
-        if remat not in _REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; choose none, {', '.join(_REMAT_POLICIES)}")
         step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(step, carry, (state, xs), unroll=True if unroll == 0 else unroll)
+    return jax.lax.scan(step, carry, scanned, unroll=unroll)
+
+
+_NARROW_FLOATS = (jnp.bfloat16, jnp.float16)
+_BITS = {2: jnp.uint16}
+
+
+def _slices_by_bits(state, backend: str | None = None) -> bool:
+    """Whether a stack's layers are read with `take_layer`: on CPU, when any leaf is bf16/fp16."""
+    if (backend or jax.default_backend()) != "cpu":
+        return False
+    return any(jnp.dtype(a.dtype) in _NARROW_FLOATS for a in jax.tree.leaves(state))
+
+
+def stacked_depth(state) -> int:
+    return jax.tree.leaves(state)[0].shape[0]
+
+
+@jax.custom_vjp
+def take_layer(stack: jax.Array, i: jax.Array) -> jax.Array:
+    """stack[i] for a traced layer index, read through the bits for bf16/fp16 stacks.
+
+    XLA:CPU's float normalisation does not accept a bf16 dynamic-slice: it rewrites it to fp32 and
+    then hoists the convert out of the loop, so every forward converted each whole weight stack to
+    fp32 and every layer's slice back to bf16, ~90 ms of a 380 ms bf16 forward of the reduced FLUX
+    (benchmarks/RESULTS.md). A uint16 slice of the same bits is a plain copy. The gradient is
+    written out because a bitcast has none (JAX would silently return zeros)."""
+    if jnp.dtype(stack.dtype) not in _NARROW_FLOATS:
+        return jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
+    bits = jax.lax.bitcast_convert_type(stack, _BITS[stack.dtype.itemsize])
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_index_in_dim(bits, i, keepdims=False), stack.dtype)
+
+
+def _take_layer_fwd(stack, i):
+    return take_layer(stack, i), (stack, i)
+
+
+def _take_layer_bwd(residuals, g):
+    stack, i = residuals
+    d_stack = jax.lax.dynamic_update_index_in_dim(jnp.zeros_like(stack), g.astype(stack.dtype), i, 0)
+    return d_stack, None
+
+
+take_layer.defvjp(_take_layer_fwd, _take_layer_bwd)
 
 
 # ---------------------------------------------------------------------------------------- model
