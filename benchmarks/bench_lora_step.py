@@ -2,9 +2,10 @@
 PyTorch step with diffusers' FluxTransformer2DModel + peft LoRA on the same modules, same process.
 
     python benchmarks/bench_lora_step.py [--double 2 --single 4 --width 512 --tokens 32 --rank 16 --repeat 5]
+    python benchmarks/bench_lora_step.py --dtype bfloat16    # both models (base, LoRA, activations) in bf16
 
 Both adapt the attention and MLP projections of every block with rank r; the base is frozen;
-loss = MSE on the B' quarter of the image tokens, as in PICO training.
+loss = MSE on the B' quarter of the image tokens, as in PICO training (computed in fp32).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--scan-unroll", type=int, default=1,
                     help="FluxConfig.scan_unroll: layers per scan iteration (0: no loop at all)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="weights, LoRA factors and compute of both models (default float32)")
     args = ap.parse_args(argv)
 
     import jax
@@ -63,7 +66,9 @@ def main(argv=None):
     # --- ours
     cfg = FluxConfig(num_double=args.double, num_single=args.single, num_heads=heads, head_dim=args.head_dim,
                      axes_dims_rope=rope, guidance_embeds=True, scan_unroll=args.scan_unroll)
-    model = FluxTransformer(cfg, rngs=nnx.Rngs(0))
+    dtype = getattr(jnp, args.dtype)
+    x, ctx, pooled = (jnp.asarray(a, dtype) for a in (x, ctx, pooled))
+    model = FluxTransformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
     add_lora(model, args.rank)
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
     tx = optax.adamw(1e-4)
@@ -74,7 +79,7 @@ def main(argv=None):
         def loss(lora):
             m = nnx.merge(graphdef, lora, base)
             out = m(x, ctx, pooled, jnp.array([0.5]), img_ids, txt_ids, jnp.array([1.0]))
-            return jnp.sum(jnp.mean((out - target) ** 2, -1) * mask) / mask.sum()
+            return jnp.sum(jnp.mean((out.astype(jnp.float32) - target) ** 2, -1) * mask) / mask.sum()
 
         l, grads = jax.value_and_grad(loss)(lora)
         upd, opt = tx.update(grads, opt, lora)
@@ -90,23 +95,25 @@ def main(argv=None):
     tm = FluxTransformer2DModel(num_layers=args.double, num_single_layers=args.single, attention_head_dim=args.head_dim,
                                 num_attention_heads=heads, guidance_embeds=True, axes_dims_rope=rope)
     tm.requires_grad_(False)
+    tm = tm.to(getattr(torch, args.dtype))
     tm.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=[
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]))
+    tm = tm.to(getattr(torch, args.dtype))  # the adapters too, whatever dtype peft created them in
     # proj_out also matches the final projection; exclude it to adapt the same layers as ours
     params = [p for n, p in tm.named_parameters() if p.requires_grad and not n.startswith("proj_out")]
     for n, p in tm.named_parameters():
         if n.startswith("proj_out"):
             p.requires_grad_(False)
     topt = torch.optim.AdamW(params, lr=1e-4)
-    t = {k: torch.from_numpy(v) for k, v in dict(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
-                                                  img_ids=img_ids, txt_ids=txt_ids).items()}
+    t = {k: torch.from_numpy(np.asarray(v, np.float32)).to(getattr(torch, args.dtype)) for k, v in dict(
+        hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, img_ids=img_ids, txt_ids=txt_ids).items()}
     tt, tmask = torch.from_numpy(target), torch.from_numpy(mask)
 
     def torch_step():
         topt.zero_grad(set_to_none=True)
         out = tm(**t, timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]), return_dict=False)[0]
-        loss = ((out - tt) ** 2).mean(-1).mul(tmask).sum() / tmask.sum()
+        loss = ((out.float() - tt) ** 2).mean(-1).mul(tmask).sum() / tmask.sum()
         loss.backward()
         topt.step()
         return loss
@@ -126,7 +133,7 @@ def main(argv=None):
         tp.append(time.perf_counter() - s)
     mj, mp = statistics.median(tj), statistics.median(tp)
     print(f"device: {jax.devices()[0].platform}, {os.cpu_count()} cores, jax {jax.__version__}, torch {torch.__version__}")
-    print(f"model: {args.double} double + {args.single} single, width {args.width}, {n_img}+{n_txt} tokens, batch 1, fp32; "
+    print(f"model: {args.double} double + {args.single} single, width {args.width}, {n_img}+{n_txt} tokens, batch 1, {args.dtype}; "
           f"LoRA rank {args.rank}: ours {n_ours / 1e6:.2f} M trainable (fused qkv), peft {n_theirs / 1e6:.2f} M")
     print(f"  ours (jax.jit step)        {mj * 1e3:8.1f} ms  (compile+first {compile_s:.1f} s; runs {', '.join(f'{x * 1e3:.0f}' for x in tj)})")
     print(f"  diffusers+peft (torch)     {mp * 1e3:8.1f} ms  (runs {', '.join(f'{x * 1e3:.0f}' for x in tp)})")

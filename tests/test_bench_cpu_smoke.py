@@ -1,0 +1,50 @@
+"""benchmarks/bench_forward.py and bench_lora_step.py at toy size, in a subprocess, in both dtypes:
+they run, print the ratio line, and the two models agree (fp32: to float precision; bf16: ours
+stays close to the fp32 reference on the same weights)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ["--double", "1", "--single", "1", "--width", "64", "--head-dim", "32", "--tokens", "4", "--text", "4",
+       "--repeat", "1"]
+
+
+def _run(script: str, *extra: str) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *TOY, *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _number(pattern: str, out: str) -> float:
+    m = re.search(pattern, out, re.MULTILINE)
+    assert m, f"{pattern!r} not in:\n{out}"
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_forward_runs_and_models_agree(dtype):
+    out = _run("bench_forward.py", "--dtype", dtype)
+    assert f"batch 1, {dtype};" in out
+    assert _number(r"speed-up ours/diffusers = ([0-9.]+)x", out) > 0
+    assert f"matmul rate (2048^2 {dtype})" in out
+    diff = _number(r"max rel. difference ours vs diffusers: ([0-9.e+-]+);", out)
+    if dtype == "float32":
+        assert diff < 1e-4
+    else:
+        ours = _number(r"vs diffusers in fp32 on the same weights: ours ([0-9.e+-]+),", out)
+        assert ours < 1.5e-2 and diff < 1e-1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_lora_step_runs(dtype):
+    out = _run("bench_lora_step.py", "--dtype", dtype, "--rank", "4")
+    assert f"batch 1, {dtype};" in out
+    assert _number(r"speed-up ours/torch = ([0-9.]+)x", out) > 0
