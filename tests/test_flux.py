@@ -344,3 +344,19 @@ def test_bf16_stacks_read_by_bits_match_plain_slicing(monkeypatch, remat):
     assert len(flat_got) == len(flat_want) and any(np.any(np.asarray(w) != 0) for w in flat_want)
     for a, b in zip(flat_got, flat_want):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)])
+def test_gelu_tanh_gradient_matches_autodiff(dtype, tol):
+    """gelu_tanh's written-out gradient (it keeps only x for the backward) against autodiff of
+    jax.nn.gelu(approximate=True), over the range where the slope changes, in fp32 and bf16."""
+    from pico_jax.model.flux import gelu_tanh
+
+    x = jnp.linspace(-7, 7, 4001).astype(dtype)
+    g = jnp.cos(jnp.arange(4001.0)).astype(dtype)  # an arbitrary cotangent
+    want = jax.vjp(lambda v: jax.nn.gelu(v.astype(jnp.float32), approximate=True), x)[1](g.astype(jnp.float32))[0]
+    got_y, vjp = jax.vjp(gelu_tanh, x)
+    (got,) = vjp(g)
+    assert got.dtype == dtype and got_y.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got_y, np.float32), np.asarray(jax.nn.gelu(x, approximate=True), np.float32))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)

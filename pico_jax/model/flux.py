@@ -229,8 +229,28 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return layer_norm(x) * (1 + scale) + shift
 
 
+@jax.custom_vjp
 def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU, tanh approximation (FLUX's MLPs). Its gradient is written out so that the backward
+    keeps only x: autodiff of the tanh form saves x², x³, tanh(·) and more per element, each one
+    a residual the size of the MLP activations, stacked over the scanned layers and zero-filled
+    every training step (benchmarks/RESULTS.md)."""
     return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_fwd(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    c = np.sqrt(2.0 / np.pi).astype(np.float32)
+    t = jnp.tanh(c * (xf + 0.044715 * xf**3))
+    slope = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * xf * xf)
+    return ((g.astype(jnp.float32) * slope).astype(g.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
