@@ -200,18 +200,23 @@ def _headwise_bwd(residuals, d_out):
     q, k, v, out, lse = residuals
     scale = 1.0 / np.sqrt(q.shape[-1])
 
+    # As in the forward: narrow inputs enter every product in their own dtype (the (N, N) factors
+    # rounded to it) with fp32 accumulation, as flash attention's backward does; fp32 stays fp32.
+    narrow = q.dtype if jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16) else jnp.float32
+
+    def mm(spec, a, b):
+        return jnp.einsum(spec, a.astype(narrow), b.astype(narrow), preferred_element_type=jnp.float32)
+
     def one_head(args):
         qh, kh, vh, oh, doh, lse_h = args  # (B, N, D) ×5, (B, N)
-        qh, kh, vh = (x.astype(jnp.float32) for x in (qh, kh, vh))
-        doh = doh.astype(jnp.float32)
-        logits = jnp.einsum("bqd,bkd->bqk", qh, kh) * scale
+        logits = mm("bqd,bkd->bqk", qh, kh) * scale
         probs = jnp.exp(logits - lse_h[..., None])
-        dv = jnp.einsum("bqk,bqd->bkd", probs, doh)
-        dprobs = jnp.einsum("bqd,bkd->bqk", doh, vh)
-        delta = jnp.sum(doh * oh.astype(jnp.float32), -1, keepdims=True)  # = rowsum(P ∘ dP)
+        dv = mm("bqk,bqd->bkd", probs, doh)
+        dprobs = mm("bqd,bkd->bqk", doh, vh)
+        delta = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), -1, keepdims=True)  # = rowsum(P ∘ dP)
         dlogits = probs * (dprobs - delta) * scale
-        dq = jnp.einsum("bqk,bkd->bqd", dlogits, kh)
-        dk = jnp.einsum("bqk,bqd->bkd", dlogits, qh)
+        dq = mm("bqk,bkd->bqd", dlogits, kh)
+        dk = mm("bqk,bqd->bkd", dlogits, qh)
         return dq, dk, dv
 
     heads_first = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, out, d_out))
