@@ -48,3 +48,18 @@ def test_bench_lora_step_runs(dtype):
     out = _run("bench_lora_step.py", "--dtype", dtype, "--rank", "4")
     assert f"batch 1, {dtype};" in out
     assert _number(r"speed-up ours/torch = ([0-9.]+)x", out) > 0
+
+
+def test_bench_compile_lora_gradient_at_full_size():
+    """bench_compile.py --step lora: the full-size FLUX.1-dev LoRA gradient traces, shards over the
+    simulated 8-device mesh and compiles (short canvas to keep it quick); the report names it."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)  # the script asks for its 8 simulated devices itself
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compile.py"), "--step", "lora",
+                           "--batch", "4", "--tokens", "256", "--text", "32", "--rank", "4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    out = proc.stdout
+    assert "flux1-dev: 11," in out and "LoRA gradient (rank 4" in out and "remat=full" in out
+    assert "on 8 simulated cpu devices" in out
+    assert _number(r"temporaries ([0-9.]+) GiB", out) > 0
