@@ -18,6 +18,7 @@ reported against diffusers' fp32 output scale, so it includes bf16 rounding on b
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -97,10 +98,7 @@ def main(argv=None):
         ours = jit_forward(load_flux_transformer(d, dtype=getattr(jnp, args.dtype)))
     reference_fp32 = None
     if args.dtype != "float32":
-        reference_fp32 = tm
-        tm = FluxTransformer2DModel.from_config(tm.config).eval()
-        tm.load_state_dict(reference_fp32.state_dict())
-        tm = tm.to(getattr(torch, args.dtype))
+        reference_fp32, tm = tm, copy.deepcopy(tm).to(getattr(torch, args.dtype))
 
     n_img, n_txt = args.tokens**2, args.text
     g = np.random.default_rng(0)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pico_jax.model.attention import AttentionHooks, Captured, attention
+from pico_jax.model.attention import NARROW_FLOATS, AttentionHooks, Captured, attention
 
 
 # --------------------------------------------------------------------------------------- config
@@ -164,12 +164,12 @@ def accumulation_dtype(dtype: Any, backend: str | None = None) -> Any:
     """The output dtype a linear layer's product is asked for before it is cast back to `dtype`.
 
     On CPU, bf16/fp16 products ask for fp32: XLA:CPU runs bf16 x bf16 -> fp32 natively (YNNPACK, about
-    twice its fp32 matmul rate on AVX512_BF16), but a bf16-output dot is rewritten to fp32 ops, the
-    bf16 weights converted to fp32 on every call; bf16 forward 489 -> see benchmarks/RESULTS.md. The
-    bias is then added in fp32 and the sum rounded once. Elsewhere the product keeps `dtype` (GPU and
-    TPU accumulate in fp32 inside the kernel and write the narrow type, half the bytes)."""
+    twice its fp32 matmul rate on AVX512_BF16), but rewrites a bf16-output dot to fp32 ops with the
+    bf16 weights converted to fp32 on every call (benchmarks/RESULTS.md, ninth session). The bias is
+    then added in fp32 and the sum rounded once. Elsewhere the product keeps `dtype` (GPU and TPU
+    accumulate in fp32 inside the kernel and write the narrow type, half the bytes)."""
     dtype = jnp.dtype(dtype)
-    if dtype in (jnp.bfloat16, jnp.float16) and (backend or jax.default_backend()) == "cpu":
+    if dtype in NARROW_FLOATS and (backend or jax.default_backend()) == "cpu":
         return jnp.float32
     return dtype
 
@@ -398,41 +398,26 @@ def _scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int =
         raise ValueError(f"unknown remat policy {remat!r}; choose none, {', '.join(_REMAT_POLICIES)}")
     unroll = True if unroll == 0 else unroll
 
-    if _slices_by_bits(state):
-        # The stack stays a loop constant and each layer is read through its bit pattern
-        # (`take_layer`): see there for why, on CPU, a narrow-float stack is not scanned over.
-        def indexed_step(carry, layer):
-            i, x = layer
-            layer_state = jax.tree.map(lambda a: take_layer(a, i), state)
-            return body(nnx.merge(graphdef, layer_state), carry, x)
+    # On CPU a narrow-float stack is not scanned over: it stays a loop constant and the scan runs
+    # over layer indices, each layer read through its bits (`take_layer` says why).
+    by_bits = _slices_by_bits(state)
 
-        step = indexed_step
-        scanned = (jnp.arange(stacked_depth(state)), xs)
-    else:
-        def sliced_step(carry, layer):
-            layer_state, x = layer
-            return body(nnx.merge(graphdef, layer_state), carry, x)
+    def step(carry, scanned_slice):
+        layer, x = scanned_slice  # the layer's state, or with by_bits its index
+        layer_state = jax.tree.map(lambda a: take_layer(a, layer), state) if by_bits else layer
+        return body(nnx.merge(graphdef, layer_state), carry, x)
 
-        step = sliced_step
-        scanned = (state, xs)
+    scanned = (jnp.arange(jax.tree.leaves(state)[0].shape[0]) if by_bits else state, xs)
     if remat != "none":
         step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
     return jax.lax.scan(step, carry, scanned, unroll=unroll)
-
-
-_NARROW_FLOATS = (jnp.bfloat16, jnp.float16)
-_BITS = {2: jnp.uint16}
 
 
 def _slices_by_bits(state, backend: str | None = None) -> bool:
     """Whether a stack's layers are read with `take_layer`: on CPU, when any leaf is bf16/fp16."""
     if (backend or jax.default_backend()) != "cpu":
         return False
-    return any(jnp.dtype(a.dtype) in _NARROW_FLOATS for a in jax.tree.leaves(state))
-
-
-def stacked_depth(state) -> int:
-    return jax.tree.leaves(state)[0].shape[0]
+    return any(jnp.dtype(a.dtype) in NARROW_FLOATS for a in jax.tree.leaves(state))
 
 
 @jax.custom_vjp
@@ -444,9 +429,9 @@ def take_layer(stack: jax.Array, i: jax.Array) -> jax.Array:
     fp32 and every layer's slice back to bf16, ~90 ms of a 380 ms bf16 forward of the reduced FLUX
     (benchmarks/RESULTS.md). A uint16 slice of the same bits is a plain copy. The gradient is
     written out because a bitcast has none (JAX would silently return zeros)."""
-    if jnp.dtype(stack.dtype) not in _NARROW_FLOATS:
+    if jnp.dtype(stack.dtype) not in NARROW_FLOATS:
         return jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
-    bits = jax.lax.bitcast_convert_type(stack, _BITS[stack.dtype.itemsize])
+    bits = jax.lax.bitcast_convert_type(stack, jnp.uint16)  # bf16 and fp16 are both 16 bits
     return jax.lax.bitcast_convert_type(jax.lax.dynamic_index_in_dim(bits, i, keepdims=False), stack.dtype)
 
 
