@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -98,6 +99,23 @@ def _atomic_dir(out: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def checkpoint_fingerprint(path: str | os.PathLike | None = None) -> str:
+    """sha256 over a checkpoint directory's files (relative names and bytes, in sorted order; None:
+    the bundled pico-tiny). It names the checkpoint by its content, so the same weights copied to
+    another machine or path fingerprint the same, and a retrained model at the old path does not."""
+    root = Path(path) if path is not None else bundled_checkpoint()
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_size: int = 4, **plan_overrides):

@@ -674,10 +674,12 @@ def write_outputs(results: dict, out_dir: str | os.PathLike, sheet_rows: list[di
 # Settings that must agree for episodes to be pooled (the plans without seed_batch, which only
 # moves work between a loop and a batch).
 MERGE_KEYS = ("split", "seeds", "episode_size", "model_panel", "ae_factor", "policy", "diffusion_seeds",
-              "plan_early", "plan_full", "random_seed_rng", "psnr_cap_db", "tie_tolerance", "checkpoint", "ensemble")
+              "plan_early", "plan_full", "random_seed_rng", "psnr_cap_db", "tie_tolerance", "checkpoint_identity", "ensemble")
 
 
 def _merge_view(settings: dict, key: str):
+    if key == "checkpoint_identity":  # by content; results written before the fingerprint: by path
+        return settings.get("checkpoint_sha256") or settings.get("checkpoint")
     v = settings.get(key)
     if key.startswith("plan_") and isinstance(v, dict):
         v = {k: x for k, x in v.items() if k != "seed_batch"}
@@ -696,7 +698,8 @@ def merge_results(parts: Sequence[dict], names: Sequence[str] | None = None,
     for name, part in zip(names[1:], parts[1:]):
         for key in MERGE_KEYS:
             if _merge_view(part["settings"], key) != _merge_view(ref, key):
-                raise ValueError(f"{name}: settings[{key!r}] = {_merge_view(part['settings'], key)!r} differs from "
+                label = "checkpoint_sha256" if key == "checkpoint_identity" else key
+                raise ValueError(f"{name}: settings[{label!r}] = {_merge_view(part['settings'], key)!r} differs from "
                                  f"{names[0]}'s {_merge_view(ref, key)!r}; only evaluations of the same checkpoint "
                                  "and settings can be pooled")
         if list(part["families"]) != list(first["families"]):
@@ -816,7 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         families = list(SPLITS[args.split])
 
-    from pico_jax.checkpoints import load_pico
+    from pico_jax.checkpoints import checkpoint_fingerprint, load_pico
     from pico_jax.safetensors_io import CheckpointError
 
     try:
@@ -836,7 +839,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        ensemble_keep=args.ensemble_keep, n_boot=args.bootstrap, sheet_episodes=args.sheet_episodes, out_dir=args.out,
                        split=None if args.families else args.split,
                        progress=not args.no_progress,
-                       settings_extra={"checkpoint": str(args.checkpoint or "bundled pico-tiny")})
+                       settings_extra={"checkpoint": str(args.checkpoint or "bundled pico-tiny"),
+                                       "checkpoint_sha256": checkpoint_fingerprint(args.checkpoint)})
     except ValueError as e:  # e.g. --score-steps > --steps
         return fail(str(e))
     beats = res["summary"]["beats_best_baseline"]

@@ -261,6 +261,9 @@ def test_cli_end_to_end(checkpoint, tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["checkpoint"] == str(checkpoint) and res["settings"]["plan_full"]["steps"] == 2
+    from pico_jax.checkpoints import checkpoint_fingerprint
+
+    assert res["settings"]["checkpoint_sha256"] == checkpoint_fingerprint(checkpoint)
     assert all(len(f["episodes"]) == 1 for f in res["families"].values())
     assert (out / "results.md").exists() and (out / "sheet_train.png").exists()
 
@@ -312,6 +315,35 @@ def test_merge_errors_name_the_part_and_key(evaluated):
     ev.merge_results([a, other], n_boot=100)
     with pytest.raises(ValueError, match="at least two"):
         ev.merge_results([a])
+
+
+def test_merge_knows_a_checkpoint_by_its_content(evaluated):
+    res, _ = evaluated
+    a, b = (copy.deepcopy(p) for p in _split_in_two(res))
+    a["settings"].update(checkpoint="/machine1/ckpt", checkpoint_sha256="ab" * 32)
+    b["settings"].update(checkpoint="/machine2/copy", checkpoint_sha256="ab" * 32)
+    ev.merge_results([a, b], n_boot=100)  # same weights at two paths: poolable
+    b["settings"].update(checkpoint="/machine1/ckpt", checkpoint_sha256="cd" * 32)
+    with pytest.raises(ValueError, match=r"b.json: settings\['checkpoint_sha256'\]"):
+        ev.merge_results([a, b], names=["a.json", "b.json"])  # retrained at the same path: refused
+
+
+def test_checkpoint_fingerprint_follows_content_not_path(tmp_path):
+    import shutil
+
+    from pico_jax.checkpoints import bundled_checkpoint, checkpoint_fingerprint
+    from pico_jax.safetensors_io import CheckpointError
+
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(bundled_checkpoint(), copy_dir)
+    assert checkpoint_fingerprint(copy_dir) == checkpoint_fingerprint(None)
+    weights = next(copy_dir.rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert checkpoint_fingerprint(copy_dir) != checkpoint_fingerprint(None)
+    with pytest.raises(CheckpointError, match="missing"):
+        checkpoint_fingerprint(tmp_path / "missing")
 
 
 def test_cli_merge(evaluated, tmp_path, capsys):
