@@ -311,8 +311,9 @@ def test_time_scaling_rounds_like_diffusers(dtype):
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_bf16_stacks_read_by_bits_match_plain_slicing(monkeypatch, remat):
-    """On CPU a bf16 stack is read layer by layer through its bits (flux.take_layer), so XLA does
-    not convert whole stacks to fp32 each call. Values and gradients must equal plain slicing."""
+    """On CPU a bf16 stack is read layer by layer through its bits (flux.take_layer) and the
+    backward's residuals travel as bits too (flux.call_with_bits_residuals), so XLA converts no
+    whole stack to fp32. Values and the layers' gradients must equal plain slicing."""
     from pico_jax.model import flux
 
     cfg = FluxConfig(num_double=2, num_single=3, num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), in_channels=8,
@@ -333,17 +334,26 @@ def test_bf16_stacks_read_by_bits_match_plain_slicing(monkeypatch, remat):
     got_loss, got_grad = value_and_grad(state, *args)
     stack_shapes = {leaf.shape for path, leaf in jax.tree.leaves_with_path(state)
                     if "blocks" in jax.tree_util.keystr(path) and leaf.ndim >= 3}
-    hlo = jax.jit(loss).lower(state, *args).compile().as_text()
-    for shape in stack_shapes:  # no fp32 copy of a whole stack in the compiled forward
-        assert f"f32[{','.join(map(str, shape))}]" not in hlo, shape
+    # No fp32 copy of a whole stack in the forward, nor in the backward to the inputs (frozen
+    # layers, as with LoRA; a full fine-tune's stack gradients are summed in fp32 by XLA).
+    for fn in (loss, jax.grad(loss, argnums=1)):
+        hlo = jax.jit(fn).lower(state, *args).compile().as_text()
+        for shape in stack_shapes:
+            assert f"f32[{','.join(map(str, shape))}]" not in hlo, (fn, shape)
 
     monkeypatch.setattr(flux, "_slices_by_bits", lambda state, backend=None: False)
     want_loss, want_grad = jax.jit(jax.value_and_grad(loss))(state, *args)
     assert float(got_loss) == float(want_loss)
-    flat_got, flat_want = jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)
+    flat_got, flat_want = jax.tree.leaves_with_path(got_grad), jax.tree.leaves(want_grad)
     assert len(flat_got) == len(flat_want) and any(np.any(np.asarray(w) != 0) for w in flat_want)
-    for a, b in zip(flat_got, flat_want):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    for (path, a), b in zip(flat_got, flat_want):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if "blocks" in jax.tree_util.keystr(path):  # the scanned layers: bit-equal
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+        else:  # upstream of the modulation vector every layer's cotangent meets; XLA rounds those
+            # sums at other points when the residuals travel as bits (call_with_bits_residuals)
+            np.testing.assert_array_less(np.abs(a - b), 2**-7 * np.abs(b).max() + 1e-30,
+                                         err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)])

@@ -402,15 +402,77 @@ def _scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int =
     # over layer indices, each layer read through its bits (`take_layer` says why).
     by_bits = _slices_by_bits(state)
 
-    def step(carry, scanned_slice):
+    def layer_step(stack, carry, scanned_slice):
         layer, x = scanned_slice  # the layer's state, or with by_bits its index
-        layer_state = jax.tree.map(lambda a: take_layer(a, layer), state) if by_bits else layer
+        layer_state = jax.tree.map(lambda a: take_layer(a, layer), stack) if by_bits else layer
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
-    scanned = (jnp.arange(jax.tree.leaves(state)[0].shape[0]) if by_bits else state, xs)
     if remat != "none":
-        step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+        layer_step = jax.checkpoint(layer_step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+
+    def step(carry, scanned_slice):
+        if by_bits:  # the residuals the backward scan slices are then uint16 too
+            return call_with_bits_residuals(layer_step, state, carry, scanned_slice)
+        return layer_step(None, carry, scanned_slice)
+
+    scanned = (jnp.arange(jax.tree.leaves(state)[0].shape[0]) if by_bits else state, xs)
     return jax.lax.scan(step, carry, scanned, unroll=unroll)
+
+
+@jax.tree_util.register_pytree_node_class
+class _Bits:
+    """A bf16/fp16 array held as its uint16 bits (the dtype rides along as static data)."""
+
+    def __init__(self, bits, dtype):
+        self.bits, self.dtype = bits, dtype
+
+    def tree_flatten(self):
+        return (self.bits,), self.dtype
+
+    @classmethod
+    def tree_unflatten(cls, dtype, children):
+        return cls(children[0], dtype)
+
+
+def _to_bits(a):
+    if hasattr(a, "dtype") and jnp.dtype(a.dtype) in NARROW_FLOATS:
+        return _Bits(jax.lax.bitcast_convert_type(a, jnp.uint16), a.dtype)
+    return a
+
+
+def _from_bits(a):
+    return jax.lax.bitcast_convert_type(a.bits, a.dtype) if isinstance(a, _Bits) else a
+
+
+def call_with_bits_residuals(fn, *args):
+    """fn(*args), with every bf16/fp16 residual its gradient keeps stored as uint16 bits.
+
+    Inside a scan the residuals are stacked over the iterations and the backward scan slices them
+    layer by layer; XLA:CPU rewrites a bf16 dynamic-slice to fp32 and hoists the convert, so each
+    residual stack (saved activations, each layer's weights) was converted to fp32 whole before the
+    backward loop and every slice rounded back (`take_layer` has the forward's half of this story).
+    Uint16 slices are plain copies. Values and gradients are unchanged (tests/test_flux.py)."""
+    converted, consts = jax.closure_convert(fn, *args)
+    return _bits_residual_call(converted, consts, args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bits_residual_call(fn, consts, args):
+    return fn(*args, *consts)
+
+
+def _bits_residual_fwd(fn, consts, args):
+    out, vjp = jax.vjp(lambda c, a: fn(*a, *c), consts, args)
+    leaves, tree = jax.tree.flatten(vjp)
+    return out, jax.tree.unflatten(tree, [_to_bits(x) for x in leaves])
+
+
+def _bits_residual_bwd(fn, packed, g):
+    leaves, tree = jax.tree.flatten(packed, is_leaf=lambda x: isinstance(x, _Bits))
+    return jax.tree.unflatten(tree, [_from_bits(x) for x in leaves])(g)
+
+
+_bits_residual_call.defvjp(_bits_residual_fwd, _bits_residual_bwd)
 
 
 def _slices_by_bits(state, backend: str | None = None) -> bool:
