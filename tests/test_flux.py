@@ -370,3 +370,106 @@ def test_gelu_tanh_gradient_matches_autodiff(dtype, tol):
     assert got.dtype == dtype and got_y.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got_y, np.float32), np.asarray(jax.nn.gelu(x, approximate=True), np.float32))
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
+def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in an optimised HLO module's text."""
+    import re
+
+    types = {m.group(1): m.group(2) for m in re.finditer(r"%([\w.\-]+) = (\w+)\[", hlo)}
+    return [(types.get(a, "?"), types.get(b, "?")) for a, b in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
+
+
+def test_narrow_product_gradient_runs_narrow_and_matches_fp32():
+    """narrow_product's written-out gradient: the input gradient's product takes bf16 operands
+    (the fp32 cotangent rounded once); both gradients within bf16 rounding of the fp32 ones."""
+    from pico_jax.model.flux import narrow_product
+
+    g = np.random.default_rng(0)
+    x = jnp.asarray(g.standard_normal((2, 48, 64)), jnp.bfloat16)
+    w = jnp.asarray(g.standard_normal((64, 96)) / 8, jnp.bfloat16)
+    ct = jnp.asarray(g.standard_normal((2, 48, 96)), jnp.float32)
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w) * ct)
+
+    got = jax.grad(loss(narrow_product), (0, 1))(x, w)
+    want = jax.grad(loss(lambda x, w: jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))), (0, 1))(x, w)
+    for a, b in zip(got, want):
+        assert a.dtype == jnp.bfloat16
+        scale = float(jnp.max(jnp.abs(b)))
+        assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) < 2**-6 * scale
+    np.testing.assert_array_equal(narrow_product(x, w), jnp.dot(x, w, preferred_element_type=jnp.float32))
+
+    # the input gradient, what a LoRA step needs of a frozen layer (dw is then dead code)
+    hlo = jax.jit(jax.grad(loss(narrow_product))).lower(x, w).compile().as_text()
+    assert _dot_operand_dtypes(hlo) == [("bf16", "bf16")]
+    # the control: autodiff's transpose of the same product multiplies in fp32
+    plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
+    hlo = jax.jit(jax.grad(loss(plain))).lower(x, w).compile().as_text()
+    assert _dot_operand_dtypes(hlo) == [("f32", "f32")]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_split_columns_gradient_concatenates(dtype):
+    """split_columns: the same halves and the same gradient as slicing, the gradient built by a
+    concatenation (no pad), and in bf16 not through an fp32 copy of the full width."""
+    from pico_jax.model.flux import gelu_tanh, split_columns
+
+    g = np.random.default_rng(1)
+    h = jnp.asarray(g.standard_normal((1, 40, 24)), dtype)
+
+    def loss(split):
+        def f(h):
+            a, b = split(h)
+            return jnp.sum(jnp.sin(a.astype(jnp.float32))) + jnp.sum(gelu_tanh(b).astype(jnp.float32) ** 2)
+        return f
+
+    ours, plain = loss(lambda h: split_columns(h, 10)), loss(lambda h: (h[..., :10], h[..., 10:]))
+    for x, y in zip(split_columns(h, 10), (h[..., :10], h[..., 10:])):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(jax.grad(ours)(h), jax.grad(plain)(h))
+    hlo = jax.jit(jax.grad(ours)).lower(h).compile().as_text()
+    assert " pad(" in jax.jit(jax.grad(plain)).lower(h).compile().as_text()  # the control
+    assert " pad(" not in hlo and " concatenate(" in hlo
+    if dtype == jnp.bfloat16:
+        import re
+
+        assert not re.search(r"= f32\[[\d,]*\]\S* concatenate\(", hlo)
+
+
+def test_remat_dots_saves_the_narrow_product(capsys):
+    """Under remat="dots" a bf16 Dense on CPU (its product behind a custom VJP, which the dots
+    policy cannot see into) still has its product saved rather than recomputed."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from pico_jax.model.flux import _REMAT_POLICIES, Dense
+
+    dense = Dense(64, 96, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    x = jnp.ones((48, 64), jnp.bfloat16)
+    f = lambda x: jnp.sum(jnp.sin(dense(x)))
+    print_saved_residuals(jax.checkpoint(f, policy=_REMAT_POLICIES["dots"]), x)
+    assert "f32[48,96] named 'narrow_product'" in capsys.readouterr().out
+    print_saved_residuals(jax.checkpoint(f, policy=_REMAT_POLICIES["nothing"]), x)
+    assert "f32[48,96]" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_concatenate_columns_matches_jnp_and_skips_fp32(dtype):
+    """concatenate_columns: jnp.concatenate's values and gradients; in bf16 the compiled program
+    holds no fp32 value at all (XLA:CPU would concatenate bf16 through fp32)."""
+    from pico_jax.model.flux import concatenate_columns
+
+    g = np.random.default_rng(2)
+    a = jnp.asarray(g.standard_normal((2, 5, 3)), dtype)
+    b = jnp.asarray(g.standard_normal((2, 5, 4)), dtype)
+    np.testing.assert_array_equal(concatenate_columns(a, b), jnp.concatenate([a, b], -1))
+    weights = jnp.arange(7.0)
+    ours = lambda a, b: jnp.sum(jnp.sin(concatenate_columns(a, b).astype(jnp.float32)) * weights)
+    plain = lambda a, b: jnp.sum(jnp.sin(jnp.concatenate([a, b], -1).astype(jnp.float32)) * weights)
+    for x, y in zip(jax.grad(ours, (0, 1))(a, b), jax.grad(plain, (0, 1))(a, b)):
+        assert x.dtype == dtype
+        np.testing.assert_array_equal(x, y)
+    if dtype == jnp.bfloat16:
+        assert "f32" not in jax.jit(concatenate_columns).lower(a, b).compile().as_text()
+        assert "f32" in jax.jit(lambda a, b: jnp.concatenate([a, b], -1)).lower(a, b).compile().as_text()

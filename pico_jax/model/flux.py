@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from pico_jax.model.attention import NARROW_FLOATS, AttentionHooks, Captured, attention
 
@@ -151,7 +152,11 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         acc = accumulation_dtype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=acc)
+        kernel = self.kernel[...].astype(self.dtype)
+        if acc != jnp.dtype(self.dtype):  # named so remat="dots" saves it like a dot's output
+            y = checkpoint_name(narrow_product(x, kernel), NARROW_PRODUCT)
+        else:
+            y = jnp.dot(x, kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(acc)
         if self.lora_a is not None:
@@ -172,6 +177,39 @@ def accumulation_dtype(dtype: Any, backend: str | None = None) -> Any:
     if dtype in NARROW_FLOATS and (backend or jax.default_backend()) == "cpu":
         return jnp.float32
     return dtype
+
+
+NARROW_PRODUCT = "narrow_product"  # the checkpoint name of narrow_product's outputs in Dense
+
+
+@jax.custom_vjp
+def narrow_product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x·w for bf16/fp16 x (..., K) and w (K, O), accumulated and returned in fp32.
+
+    Its gradient is written out so the backward's products also run narrow x narrow -> fp32, the
+    product XLA:CPU runs natively: the incoming fp32 gradient is rounded once to x's dtype (what a
+    bf16 autograd, torch's included, hands the layer anyway). Left to autodiff, dx = g·wᵀ took the
+    fp32 gradient with w converted to fp32, a product at half the rate plus a copy of w per call
+    (benchmarks/RESULTS.md, tenth session). dw contracts over tokens, the leading axis of both
+    operands, which XLA:CPU multiplies in fp32 whatever the operands (it is dead code in a LoRA
+    step, where w is frozen)."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _narrow_product_fwd(x, w):
+    return narrow_product(x, w), (x, w)
+
+
+def _narrow_product_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # tokens of all examples
+    dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+narrow_product.defvjp(_narrow_product_fwd, _narrow_product_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -358,12 +396,64 @@ class SingleBlock(nnx.Module):
         shift, scale, gate = jnp.split(self.mod(jax.nn.silu(vec))[:, None, :], 3, axis=-1)
         h = self.linear1(modulate(x, shift, scale))
         b, n, _ = h.shape
-        qkv, mlp = h[..., : 3 * self.width], h[..., 3 * self.width :]
+        qkv, mlp = split_columns(h, 3 * self.width)
         q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, -1), 3, axis=2)
         q = apply_rope(self.q_norm(q[:, :, 0]), cos, sin)
         k = apply_rope(self.k_norm(k[:, :, 0]), cos, sin)
         out, stats = attention(q, k, v[:, :, 0], hooks, capture_on, edit_on)
-        return x + gate * self.linear2(jnp.concatenate([out, gelu_tanh(mlp)], -1)), stats
+        return x + gate * self.linear2(concatenate_columns(out, gelu_tanh(mlp))), stats
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_columns(h: jax.Array, at: int) -> tuple[jax.Array, jax.Array]:
+    """(h[..., :at], h[..., at:]), with a gradient that concatenates the two halves' gradients
+    after each is written out. Autodiff's transpose pads each half to full width and adds the pads;
+    XLA:CPU fused both halves' backward (the GELU's and the q/k/v norms' and RoPE's) into one loop
+    over the padded width, a branch per element: 13 ms a layer against 2.3 ms for the GELU
+    backward alone (benchmarks/RESULTS.md, tenth session)."""
+    return h[..., :at], h[..., at:]
+
+
+def _split_columns_fwd(h, at):
+    return split_columns(h, at), jnp.zeros((0,), h.dtype)  # only h's dtype is needed
+
+
+def _split_columns_bwd(at, like, grads):
+    grads = tuple(g.astype(like.dtype) for g in grads)
+    if jax.default_backend() == "cpu":  # elsewhere the fused pad-and-add has no such cost
+        grads = jax.lax.optimization_barrier(grads)
+    return (_concatenate_columns(grads),)
+
+
+split_columns.defvjp(_split_columns_fwd, _split_columns_bwd)
+
+
+def _concatenate_columns(parts) -> jax.Array:
+    """jnp.concatenate(parts, -1); on CPU, bf16/fp16 parts are joined as their bits, because
+    XLA:CPU would convert every part to fp32 and the result back (a bf16 concatenate is one of
+    the ops its float normalisation rewrites)."""
+    dtype = parts[0].dtype
+    if jax.default_backend() != "cpu" or jnp.dtype(dtype) not in NARROW_FLOATS:
+        return jnp.concatenate(parts, axis=-1)
+    bits = [jax.lax.bitcast_convert_type(p, jnp.uint16) for p in parts]
+    return jax.lax.bitcast_convert_type(jnp.concatenate(bits, axis=-1), dtype)
+
+
+@jax.custom_vjp
+def concatenate_columns(a: jax.Array, b: jax.Array) -> jax.Array:
+    """jnp.concatenate([a, b], -1) of one dtype, without XLA:CPU's fp32 detour for bf16/fp16."""
+    return _concatenate_columns((a, b))
+
+
+def _concatenate_columns_fwd(a, b):
+    return concatenate_columns(a, b), a.shape[-1]
+
+
+def _concatenate_columns_bwd(at, g):
+    return g[..., :at], g[..., at:]
+
+
+concatenate_columns.defvjp(_concatenate_columns_fwd, _concatenate_columns_bwd)
 
 
 def _stack(make, n: int, rngs: nnx.Rngs):
@@ -379,7 +469,10 @@ def _stack(make, n: int, rngs: nnx.Rngs):
 
 _REMAT_POLICIES = {
     "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # a custom VJP hides its products from the dots policy; narrow_product's are saved by name
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(NARROW_PRODUCT)),
     "nothing": jax.checkpoint_policies.nothing_saveable,
 }
 
