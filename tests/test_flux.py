@@ -2,6 +2,7 @@
 checkpoint files (diffusers directory, sharded directory, BFL single file)."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -340,6 +341,8 @@ def test_bf16_stacks_read_by_bits_match_plain_slicing(monkeypatch, remat):
         hlo = jax.jit(fn).lower(state, *args).compile().as_text()
         for shape in stack_shapes:
             assert f"f32[{','.join(map(str, shape))}]" not in hlo, (fn, shape)
+            if fn is loss:  # nor a materialised uint16 view of one (the bitcast fuses into each layer's slice)
+                assert not re.search(rf"= u16\[{','.join(map(str, shape))}\]\S* fusion\(", hlo), shape
 
     monkeypatch.setattr(flux, "_slices_by_bits", lambda state, backend=None: False)
     want_loss, want_grad = jax.jit(jax.value_and_grad(loss))(state, *args)
@@ -354,6 +357,28 @@ def test_bf16_stacks_read_by_bits_match_plain_slicing(monkeypatch, remat):
             # sums at other points when the residuals travel as bits (call_with_bits_residuals)
             np.testing.assert_array_less(np.abs(a - b), 2**-7 * np.abs(b).max() + 1e-30,
                                          err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_take_layer_reads_one_layer_of_every_leaf_and_scatters_its_gradient(dtype):
+    """take_layer on a pytree of stacks (mixed dtypes), under jit with a traced index: each leaf's
+    layer i exactly, and the gradient is the cotangent in row i of a zero stack."""
+    from pico_jax.model.flux import take_layer
+
+    g = np.random.default_rng(1)
+    stacks = {"w": jnp.asarray(g.standard_normal((3, 4, 5)), dtype), "b": jnp.asarray(g.standard_normal((3, 5)), jnp.float32)}
+    for i in range(3):
+        got = jax.jit(take_layer)(stacks, jnp.int32(i))
+        for key in stacks:
+            assert got[key].dtype == stacks[key].dtype
+            np.testing.assert_array_equal(np.asarray(got[key], np.float32), np.asarray(stacks[key][i], np.float32))
+        cot = {"w": jnp.full((4, 5), 2.0, dtype), "b": jnp.arange(5.0, dtype=jnp.float32)}
+        (d_stacks,) = jax.jit(lambda s, c, i=i: jax.vjp(lambda t: take_layer(t, jnp.int32(i)), s)[1](c))(stacks, cot)
+        for key in stacks:
+            want = np.zeros(stacks[key].shape, np.float32)
+            want[i] = np.asarray(cot[key], np.float32)
+            assert d_stacks[key].dtype == stacks[key].dtype
+            np.testing.assert_array_equal(np.asarray(d_stacks[key], np.float32), want)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)])
@@ -374,8 +399,6 @@ def test_gelu_tanh_gradient_matches_autodiff(dtype, tol):
 
 def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
     """(lhs, rhs) element types of every dot in an optimised HLO module's text."""
-    import re
-
     types = {m.group(1): m.group(2) for m in re.finditer(r"%([\w.\-]+) = (\w+)\[", hlo)}
     return [(types.get(a, "?"), types.get(b, "?")) for a, b in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
 
@@ -433,8 +456,6 @@ def test_split_columns_gradient_concatenates(dtype):
     assert " pad(" in jax.jit(jax.grad(plain)).lower(h).compile().as_text()  # the control
     assert " pad(" not in hlo and " concatenate(" in hlo
     if dtype == jnp.bfloat16:
-        import re
-
         assert not re.search(r"= f32\[[\d,]*\]\S* concatenate\(", hlo)
 
 

@@ -496,7 +496,7 @@ def _scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int =
 
     def layer_step(stack, carry, scanned_slice):
         layer, x = scanned_slice  # the layer's state, or with by_bits its index
-        layer_state = jax.tree.map(lambda a: take_layer(a, layer), stack) if by_bits else layer
+        layer_state = take_layer(stack, layer) if by_bits else layer
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
     if remat != "none":
@@ -575,28 +575,41 @@ def _slices_by_bits(state, backend: str | None = None) -> bool:
 
 
 @jax.custom_vjp
-def take_layer(stack: jax.Array, i: jax.Array) -> jax.Array:
-    """stack[i] for a traced layer index, read through the bits for bf16/fp16 stacks.
+def take_layer(stacks: Any, i: jax.Array) -> Any:
+    """Layer i (a traced index) of a pytree of stacked arrays; bf16/fp16 leaves through their bits.
 
     XLA:CPU's float normalisation does not accept a bf16 dynamic-slice: it rewrites it to fp32 and
     then hoists the convert out of the loop, so every forward converted each whole weight stack to
-    fp32 and every layer's slice back to bf16, ~90 ms of a 380 ms bf16 forward of the reduced FLUX
-    (benchmarks/RESULTS.md). A uint16 slice of the same bits is a plain copy. The gradient is
+    fp32 and every layer's slice back to bf16, ~90 ms of a 380 ms bf16 forward of the reduced FLUX.
+    A uint16 slice of the same bits is a plain copy, but XLA hoists the bitcast out of the loop too
+    and materialises it: a second copy of every stack, once per call (~35 ms of that forward, and
+    the whole model's weights again in memory). The optimisation barrier over (stacks, i) keeps the
+    bitcast in the loop, where it fuses into the slice (benchmarks/RESULTS.md). The gradient is
     written out because a bitcast has none (JAX would silently return zeros)."""
-    if jnp.dtype(stack.dtype) not in NARROW_FLOATS:
-        return jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
-    bits = jax.lax.bitcast_convert_type(stack, jnp.uint16)  # bf16 and fp16 are both 16 bits
-    return jax.lax.bitcast_convert_type(jax.lax.dynamic_index_in_dim(bits, i, keepdims=False), stack.dtype)
+    stacks, i = jax.lax.optimization_barrier((stacks, i))
+    return jax.tree.map(lambda a: _layer_by_bits(a, i), stacks)
 
 
-def _take_layer_fwd(stack, i):
-    return take_layer(stack, i), (stack, i)
+def _layer_by_bits(a: jax.Array, i: jax.Array) -> jax.Array:
+    if jnp.dtype(a.dtype) not in NARROW_FLOATS:
+        return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+    bits = jax.lax.bitcast_convert_type(a, jnp.uint16)  # bf16 and fp16 are both 16 bits
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_index_in_dim(bits, i, keepdims=False), a.dtype)
+
+
+def _take_layer_fwd(stacks, i):
+    # The stacks are not kept for the backward, only their shapes (a zero-size array each): a
+    # residual that is not the loop constant itself is stacked by the scan, one copy per layer.
+    shapes = jax.tree.map(lambda a: jnp.zeros((0, *a.shape), a.dtype), stacks)
+    return take_layer(stacks, i), (shapes, i)
 
 
 def _take_layer_bwd(residuals, g):
-    stack, i = residuals
-    d_stack = jax.lax.dynamic_update_index_in_dim(jnp.zeros_like(stack), g.astype(stack.dtype), i, 0)
-    return d_stack, None
+    shapes, i = residuals
+    d_stacks = jax.tree.map(
+        lambda s, gl: jax.lax.dynamic_update_index_in_dim(jnp.zeros(s.shape[1:], s.dtype), gl.astype(s.dtype), i, 0),
+        shapes, g)
+    return d_stacks, None
 
 
 take_layer.defvjp(_take_layer_fwd, _take_layer_bwd)
