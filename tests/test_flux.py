@@ -313,8 +313,9 @@ def test_time_scaling_rounds_like_diffusers(dtype):
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_bf16_stacks_read_by_bits_match_plain_slicing(monkeypatch, remat):
     """On CPU a bf16 stack is read layer by layer through its bits (flux.take_layer) and the
-    backward's residuals travel as bits too (flux.call_with_bits_residuals), so XLA converts no
-    whole stack to fp32. Values and the layers' gradients must equal plain slicing."""
+    backward's residuals travel as bits too, the layer's weights re-read from the stacks rather
+    than kept (flux.call_layer_step), so XLA converts no whole stack to fp32 and stores no second
+    copy of one. Values and the layers' gradients must equal plain slicing."""
     from pico_jax.model import flux
 
     cfg = FluxConfig(num_double=2, num_single=3, num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), in_channels=8,
@@ -341,8 +342,9 @@ def test_bf16_stacks_read_by_bits_match_plain_slicing(monkeypatch, remat):
         hlo = jax.jit(fn).lower(state, *args).compile().as_text()
         for shape in stack_shapes:
             assert f"f32[{','.join(map(str, shape))}]" not in hlo, (fn, shape)
-            if fn is loss:  # nor a materialised uint16 view of one (the bitcast fuses into each layer's slice)
-                assert not re.search(rf"= u16\[{','.join(map(str, shape))}\]\S* fusion\(", hlo), shape
+            # Nor a uint16 one: the forward's bitcast fuses into each layer's slice, and the
+            # backward re-reads the layer's weights instead of the scan stacking them as residuals.
+            assert not re.search(rf"= u16\[{','.join(map(str, shape))}\]\S* fusion\(", hlo), (fn, shape)
 
     monkeypatch.setattr(flux, "_slices_by_bits", lambda state, backend=None: False)
     want_loss, want_grad = jax.jit(jax.value_and_grad(loss))(state, *args)
@@ -354,7 +356,7 @@ def test_bf16_stacks_read_by_bits_match_plain_slicing(monkeypatch, remat):
         if "blocks" in jax.tree_util.keystr(path):  # the scanned layers: bit-equal
             np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
         else:  # upstream of the modulation vector every layer's cotangent meets; XLA rounds those
-            # sums at other points when the residuals travel as bits (call_with_bits_residuals)
+            # sums at other points when the residuals travel as bits (call_layer_step)
             np.testing.assert_array_less(np.abs(a - b), 2**-7 * np.abs(b).max() + 1e-30,
                                          err_msg=jax.tree_util.keystr(path))
 

@@ -494,18 +494,17 @@ def _scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int =
     # over layer indices, each layer read through its bits (`take_layer` says why).
     by_bits = _slices_by_bits(state)
 
-    def layer_step(stack, carry, scanned_slice):
-        layer, x = scanned_slice  # the layer's state, or with by_bits its index
-        layer_state = take_layer(stack, layer) if by_bits else layer
+    def layer_step(layer_state, carry, x):
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
     if remat != "none":
         layer_step = jax.checkpoint(layer_step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
 
     def step(carry, scanned_slice):
-        if by_bits:  # the residuals the backward scan slices are then uint16 too
-            return call_with_bits_residuals(layer_step, state, carry, scanned_slice)
-        return layer_step(None, carry, scanned_slice)
+        layer, x = scanned_slice  # the layer's state, or with by_bits its index
+        if by_bits:  # the layer is read in the step, and re-read by its backward (`call_layer_step`)
+            return call_layer_step(layer_step, state, layer, carry, x)
+        return layer_step(layer, carry, x)
 
     scanned = (jnp.arange(jax.tree.leaves(state)[0].shape[0]) if by_bits else state, xs)
     return jax.lax.scan(step, carry, scanned, unroll=unroll)
@@ -536,35 +535,62 @@ def _from_bits(a):
     return jax.lax.bitcast_convert_type(a.bits, a.dtype) if isinstance(a, _Bits) else a
 
 
-def call_with_bits_residuals(fn, *args):
-    """fn(*args), with every bf16/fp16 residual its gradient keeps stored as uint16 bits.
+@jax.tree_util.register_pytree_node_class
+class _LayerLeaf:
+    """A residual that is leaf k of the layer's state: not stored, re-read from the stacks."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def tree_flatten(self):
+        return (), self.k
+
+    @classmethod
+    def tree_unflatten(cls, k, children):
+        return cls(k)
+
+
+def call_layer_step(fn, stacks, i, *args):
+    """fn(take_layer(stacks, i), *args) for a scanned layer step, with a backward that keeps less.
 
     Inside a scan the residuals are stacked over the iterations and the backward scan slices them
-    layer by layer; XLA:CPU rewrites a bf16 dynamic-slice to fp32 and hoists the convert, so each
-    residual stack (saved activations, each layer's weights) was converted to fp32 whole before the
-    backward loop and every slice rounded back (`take_layer` has the forward's half of this story).
-    Uint16 slices are plain copies. Values and gradients are unchanged (tests/test_flux.py)."""
-    converted, consts = jax.closure_convert(fn, *args)
-    return _bits_residual_call(converted, consts, args)
+    layer by layer. Two of them are not kept as they would be by autodiff:
+    * the layer's own weights (a linear layer's input gradient needs them; a checkpointed step's
+      inputs are residuals): the scan stacked a copy of every layer's weights, the whole model
+      again. The backward re-reads them from the stacks, a loop constant.
+    * every other bf16/fp16 residual (saved activations) is stored as its uint16 bits: XLA:CPU
+      rewrites a bf16 dynamic-slice to fp32 and hoists the convert, so each residual stack was
+      converted to fp32 whole before the backward loop and every slice rounded back (`take_layer`
+      has the forward's half of this story); uint16 slices are plain copies.
+    Values and gradients are unchanged (tests/test_flux.py)."""
+    converted, consts = jax.closure_convert(fn, take_layer(stacks, i), *args)
+    return _layer_step_call(converted, consts, stacks, i, args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _bits_residual_call(fn, consts, args):
-    return fn(*args, *consts)
+def _layer_step_call(fn, consts, stacks, i, args):
+    return fn(take_layer(stacks, i), *args, *consts)
 
 
-def _bits_residual_fwd(fn, consts, args):
-    out, vjp = jax.vjp(lambda c, a: fn(*a, *c), consts, args)
+def _layer_step_fwd(fn, consts, stacks, i, args):
+    layer = take_layer(stacks, i)
+    out, vjp = jax.vjp(lambda c, lay, a: fn(lay, *a, *c), consts, layer, args)
+    position = {id(x): k for k, x in enumerate(jax.tree.leaves(layer))}
     leaves, tree = jax.tree.flatten(vjp)
-    return out, jax.tree.unflatten(tree, [_to_bits(x) for x in leaves])
+    packed = [_LayerLeaf(position[id(x)]) if id(x) in position else _to_bits(x) for x in leaves]
+    return out, (jax.tree.unflatten(tree, packed), stacks, i)
 
 
-def _bits_residual_bwd(fn, packed, g):
-    leaves, tree = jax.tree.flatten(packed, is_leaf=lambda x: isinstance(x, _Bits))
-    return jax.tree.unflatten(tree, [_from_bits(x) for x in leaves])(g)
+def _layer_step_bwd(fn, residuals, g):
+    packed, stacks, i = residuals
+    layer = jax.tree.leaves(take_layer(stacks, i))
+    leaves, tree = jax.tree.flatten(packed, is_leaf=lambda x: isinstance(x, (_Bits, _LayerLeaf)))
+    vjp = jax.tree.unflatten(tree, [layer[x.k] if isinstance(x, _LayerLeaf) else _from_bits(x) for x in leaves])
+    d_consts, d_layer, d_args = vjp(g)
+    return d_consts, _scatter_layer(stacks, d_layer, i), None, d_args
 
 
-_bits_residual_call.defvjp(_bits_residual_fwd, _bits_residual_bwd)
+_layer_step_call.defvjp(_layer_step_fwd, _layer_step_bwd)
 
 
 def _slices_by_bits(state, backend: str | None = None) -> bool:
@@ -606,10 +632,15 @@ def _take_layer_fwd(stacks, i):
 
 def _take_layer_bwd(residuals, g):
     shapes, i = residuals
-    d_stacks = jax.tree.map(
-        lambda s, gl: jax.lax.dynamic_update_index_in_dim(jnp.zeros(s.shape[1:], s.dtype), gl.astype(s.dtype), i, 0),
-        shapes, g)
-    return d_stacks, None
+    return _scatter_layer(shapes, g, i, leading=1), None
+
+
+def _scatter_layer(stacks: Any, d_layer: Any, i: jax.Array, leading: int = 0) -> Any:
+    """The gradient of the stacks from one layer's: d_layer in row i of zero stacks (`leading`:
+    how many size-0 axes precede the stack's shape, for the zero-size shape carriers)."""
+    return jax.tree.map(
+        lambda s, g: jax.lax.dynamic_update_index_in_dim(jnp.zeros(s.shape[leading:], s.dtype), g.astype(s.dtype), i, 0),
+        stacks, d_layer)
 
 
 take_layer.defvjp(_take_layer_fwd, _take_layer_bwd)
