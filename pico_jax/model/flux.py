@@ -557,7 +557,7 @@ def call_layer_step(fn, stacks, i, *args):
     layer by layer. Two of them are not kept as they would be by autodiff:
     * the layer's own weights (a linear layer's input gradient needs them; a checkpointed step's
       inputs are residuals): the scan stacked a copy of every layer's weights, the whole model
-      again. The backward re-reads them from the stacks, a loop constant.
+      again. The backward re-reads them from the stacks, a loop constant the scan keeps once.
     * every other bf16/fp16 residual (saved activations) is stored as its uint16 bits: XLA:CPU
       rewrites a bf16 dynamic-slice to fp32 and hoists the convert, so each residual stack was
       converted to fp32 whole before the backward loop and every slice rounded back (`take_layer`
@@ -624,22 +624,19 @@ def _layer_by_bits(a: jax.Array, i: jax.Array) -> jax.Array:
 
 
 def _take_layer_fwd(stacks, i):
-    # The stacks are not kept for the backward, only their shapes (a zero-size array each): a
-    # residual that is not the loop constant itself is stacked by the scan, one copy per layer.
-    shapes = jax.tree.map(lambda a: jnp.zeros((0, *a.shape), a.dtype), stacks)
+    shapes = jax.tree.map(lambda a: jnp.zeros((0, *a.shape), a.dtype), stacks)  # the backward needs no values
     return take_layer(stacks, i), (shapes, i)
 
 
 def _take_layer_bwd(residuals, g):
     shapes, i = residuals
-    return _scatter_layer(shapes, g, i, leading=1), None
+    return _scatter_layer(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes), g, i), None
 
 
-def _scatter_layer(stacks: Any, d_layer: Any, i: jax.Array, leading: int = 0) -> Any:
-    """The gradient of the stacks from one layer's: d_layer in row i of zero stacks (`leading`:
-    how many size-0 axes precede the stack's shape, for the zero-size shape carriers)."""
+def _scatter_layer(stacks: Any, d_layer: Any, i: jax.Array) -> Any:
+    """The stacks' gradient from one layer's: d_layer in row i of zero stacks shaped like `stacks`."""
     return jax.tree.map(
-        lambda s, g: jax.lax.dynamic_update_index_in_dim(jnp.zeros(s.shape[leading:], s.dtype), g.astype(s.dtype), i, 0),
+        lambda s, g: jax.lax.dynamic_update_index_in_dim(jnp.zeros(s.shape, s.dtype), g.astype(s.dtype), i, 0),
         stacks, d_layer)
 
 
