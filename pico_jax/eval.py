@@ -55,6 +55,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as _ndi
 
+from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP
+
 __all__ = [
     "METHODS",
     "LEARNED",
@@ -785,6 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sheet-episodes", type=int, default=3, help="episodes per family on the picture sheet (default 3)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap replicates (default 10000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile-cache", metavar="DIR", help=COMPILE_CACHE_HELP)
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
                    help="evaluate nothing: pool these results.json files (same checkpoint and settings, disjoint "
                         "episodes) into OUT/results.json and results.md")
@@ -820,8 +823,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         families = list(SPLITS[args.split])
 
     from pico_jax.checkpoints import checkpoint_fingerprint, load_pico
+    from pico_jax.compile_cache import enable_compile_cache
     from pico_jax.safetensors_io import CheckpointError
 
+    enable_compile_cache(args.compile_cache, prog="pico_jax.eval")
     try:
         pipe = load_pico(args.checkpoint, batch_size=args.batch_size)
     except CheckpointError as e:

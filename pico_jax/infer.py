@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP
+
 DESCRIPTION = """\
 PICO in-context inference. Show ONE example pair (A -> A') and one or more query images B;
 the model paints B' by applying the same transformation to each B. Nothing names the task:
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="queries per compiled batch (default 4)")
     p.add_argument("--save-candidates", action="store_true", help="also write OUT/<query>_cand<i>.png for the kept seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile-cache", metavar="DIR", help=COMPILE_CACHE_HELP)
     return p
 
 
@@ -225,6 +228,9 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
+    from pico_jax.compile_cache import enable_compile_cache
+
+    enable_compile_cache(args.compile_cache, prog="infer.py")
     from pico_jax import grid
     from pico_jax.imageio import ImageError, load_image, save_png_atomic
     from pico_jax.safetensors_io import CheckpointError

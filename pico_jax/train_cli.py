@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP
+
 DESCRIPTION = """\
 Train a PICO model: flow matching on 2x2 in-context canvases [A | A'] / [B | B'], loss on the
 B' panel only. LoRA on a FLUX base (lora_rank > 0) or full fine-tuning of a small model.
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", metavar="DIR", help="after training, write a pico checkpoint (LoRA merged) here")
     p.add_argument("--export-lora", metavar="FILE", help="after training, write the LoRA as diffusers safetensors")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile-cache", metavar="DIR", help=COMPILE_CACHE_HELP)
     return p
 
 
@@ -67,6 +70,9 @@ def main(argv=None) -> int:
     from pico_jax.parallel import MeshError, maybe_initialize_distributed
 
     maybe_initialize_distributed()
+    from pico_jax.compile_cache import enable_compile_cache
+
+    enable_compile_cache(args.compile_cache, prog="train.py")
     from pico_jax.trainer import NonFiniteLoss, Trainer, apply_overrides
 
     cfg = load_config_file(args.config)
