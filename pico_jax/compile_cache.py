@@ -68,6 +68,14 @@ def enable_compile_cache(setting: str | None = None, *, prog: str = "pico_jax") 
     jax.config.update("jax_compilation_cache_dir", str(path))
     if jax.config.jax_persistent_cache_min_compile_time_secs > MIN_COMPILE_SECONDS:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-    if jax.config.jax_compilation_cache_max_size < 0:
+    if jax.config.jax_compilation_cache_max_size < 0 and _has_filelock():  # jax needs it to bound the size
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return str(path)
+
+
+def _has_filelock() -> bool:
+    try:
+        import filelock  # noqa: F401
+    except ImportError:
+        return False
+    return True
