@@ -624,13 +624,12 @@ def _layer_by_bits(a: jax.Array, i: jax.Array) -> jax.Array:
 
 
 def _take_layer_fwd(stacks, i):
-    shapes = jax.tree.map(lambda a: jnp.zeros((0, *a.shape), a.dtype), stacks)  # the backward needs no values
-    return take_layer(stacks, i), (shapes, i)
+    return take_layer(stacks, i), (stacks, i)
 
 
 def _take_layer_bwd(residuals, g):
-    shapes, i = residuals
-    return _scatter_layer(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes), g, i), None
+    stacks, i = residuals
+    return _scatter_layer(stacks, g, i), None
 
 
 def _scatter_layer(stacks: Any, d_layer: Any, i: jax.Array) -> Any:
