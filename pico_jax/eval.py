@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as _ndi
 
-from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP
+from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP, enable_compile_cache
 
 __all__ = [
     "METHODS",
@@ -823,7 +823,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         families = list(SPLITS[args.split])
 
     from pico_jax.checkpoints import checkpoint_fingerprint, load_pico
-    from pico_jax.compile_cache import enable_compile_cache
     from pico_jax.safetensors_io import CheckpointError
 
     enable_compile_cache(args.compile_cache, prog="pico_jax.eval")

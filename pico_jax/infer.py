@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP
+from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP, enable_compile_cache
 
 DESCRIPTION = """\
 PICO in-context inference. Show ONE example pair (A -> A') and one or more query images B;
@@ -227,8 +227,6 @@ def main(argv=None) -> int:
         return 2
 
     from tqdm import tqdm
-
-    from pico_jax.compile_cache import enable_compile_cache
 
     enable_compile_cache(args.compile_cache, prog="infer.py")
     from pico_jax import grid

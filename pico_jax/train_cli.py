@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP
+from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP, enable_compile_cache
 
 DESCRIPTION = """\
 Train a PICO model: flow matching on 2x2 in-context canvases [A | A'] / [B | B'], loss on the
@@ -70,8 +70,6 @@ def main(argv=None) -> int:
     from pico_jax.parallel import MeshError, maybe_initialize_distributed
 
     maybe_initialize_distributed()
-    from pico_jax.compile_cache import enable_compile_cache
-
     enable_compile_cache(args.compile_cache, prog="train.py")
     from pico_jax.trainer import NonFiniteLoss, Trainer, apply_overrides
 
