@@ -216,20 +216,28 @@ def _headwise_bwd(residuals, d_out):
     def mm(spec, a, b):
         return jnp.einsum(spec, a.astype(narrow), b.astype(narrow), preferred_element_type=jnp.float32)
 
+    # delta = rowsum(P ∘ dP) = rowsum(dO ∘ O), for all heads at once: computed inside the head
+    # loop, XLA:CPU fused this reduction into the dP product's epilogue, which then ran at
+    # about half the product's speed.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (B, N, H)
+
     def one_head(args):
-        qh, kh, vh, oh, doh, lse_h = args  # (B, N, D) ×5, (B, N)
-        logits = mm("bqd,bkd->bqk", qh, kh) * scale
-        probs = jnp.exp(logits - lse_h[..., None])
-        dv = mm("bqk,bqd->bkd", probs, doh)
-        dprobs = mm("bqd,bkd->bqk", doh, vh)
-        delta = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), -1, keepdims=True)  # = rowsum(P ∘ dP)
-        dlogits = probs * (dprobs - delta) * scale
-        dq = mm("bqk,bkd->bqd", dlogits, kh)
-        dk = mm("bqk,bqd->bkd", dlogits, qh)
+        qh, kh, vh, doh, lse_h, delta_h = args  # (B, N, D) ×4, (B, N) ×2
+        # The (N, N) factors are built transposed, keys first: dV = Pᵀ·dO and dK = dSᵀ·Q then
+        # contract over their operands' trailing axis. XLA:CPU runs a bf16 product that contracts
+        # its left operand's leading axis in fp32, over an fp32 copy of that operand; this way
+        # only dQ does. (Both changes, one layer's bf16 attention gradient on CPU: 50–57 → 40 ms.)
+        logits_t = mm("bkd,bqd->bkq", kh, qh) * scale
+        probs_t = jnp.exp(logits_t - lse_h[:, None, :])
+        dv = mm("bkq,bqd->bkd", probs_t, doh)
+        dprobs_t = mm("bkd,bqd->bkq", vh, doh)
+        dlogits_t = probs_t * (dprobs_t - delta_h[:, None, :]) * scale
+        dk = mm("bkq,bqd->bkd", dlogits_t, qh)
+        dq = mm("bkq,bkd->bqd", dlogits_t, kh)
         return dq, dk, dv
 
-    heads_first = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, out, d_out))
-    dq, dk, dv = jax.lax.map(one_head, (*heads_first, lse))
+    heads_first = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, d_out))
+    dq, dk, dv = jax.lax.map(one_head, (*heads_first, lse, jnp.moveaxis(delta, 2, 0)))
     return tuple(jnp.moveaxis(g, 0, 2).astype(x.dtype) for g, x in zip((dq, dk, dv), (q, k, v)))
 
 
