@@ -3,6 +3,7 @@
     python benchmarks/ab_compare.py --a HEAD --b .                       # last commit vs the working tree
     python benchmarks/ab_compare.py --a HEAD~3 --b HEAD --program lora --dtype bfloat16 --pairs 21
     python benchmarks/ab_compare.py --a . --b . --xla-flags-b=--xla_cpu_experimental_ynn_fusion_type=-reduce
+    python benchmarks/ab_compare.py --a . --b . --program lora --config-b scan_unroll=0 --config-b remat=dots
 
 Each side (a git revision of this repository, or a directory holding a `pico_jax` package) runs in its
 own worker process, which builds the same reduced FLUX with the same seeds, compiles the program once and
@@ -18,6 +19,9 @@ Programs (the sizes default to the issue's reduced FLUX: 2 double + 4 single blo
   forward  the jitted transformer forward
   lora     one LoRA training step: forward, backward on the rank-r factors, AdamW (as bench_lora_step.py)
 
+--config-a / --config-b override FluxConfig fields on one side (values parsed as JSON where they parse,
+else taken as strings), so two settings of one checkout compare the same way as two checkouts.
+
 Both workers also report the program's output (the forward's output norm, the step's loss), so a change
 that alters the numerics shows up next to its timing.
 """
@@ -25,6 +29,7 @@ that alters the numerics shows up next to its timing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -112,6 +117,10 @@ def _build_program(cfg: dict):
     r7 = head_dim * 7 // 16
     fc = FluxConfig(num_double=cfg["double"], num_single=cfg["single"], num_heads=cfg["width"] // head_dim,
                     head_dim=head_dim, axes_dims_rope=(head_dim - 2 * r7, r7, r7), guidance_embeds=True)
+    unknown = sorted(set(cfg["overrides"]) - {f.name for f in dataclasses.fields(fc)})
+    if unknown:
+        raise SystemExit(f"ab_compare worker ({cfg['source']}): FluxConfig has no field {', '.join(unknown)}")
+    fc = dataclasses.replace(fc, **cfg["overrides"])
     n_img = tokens * tokens
     g = np.random.default_rng(0)
     x = jnp.asarray(g.standard_normal((1, n_img, 64)), dtype)
@@ -212,6 +221,20 @@ class Worker:
 
 # ---------------------------------------------------------------------------------------------- parent
 
+def parse_overrides(items: list[str], flag: str) -> dict:
+    """['scan_unroll=0', 'remat=dots'] -> {'scan_unroll': 0, 'remat': 'dots'}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"ab_compare: {flag} {item!r} is not FIELD=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", default="HEAD", help="baseline: a git revision of this repository or a directory "
@@ -220,6 +243,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--xla-flags-a", default=None, metavar="FLAGS",
                     help="XLA_FLAGS for side A's worker (default: inherit the environment's)")
     ap.add_argument("--xla-flags-b", default=None, metavar="FLAGS", help="XLA_FLAGS for side B's worker")
+    ap.add_argument("--config-a", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a FluxConfig field for side A (repeatable), e.g. scan_unroll=0")
+    ap.add_argument("--config-b", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a FluxConfig field for side B (repeatable)")
     ap.add_argument("--program", choices=("forward", "lora"), default="forward")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--pairs", type=int, default=15, help="timed calls per side, interleaved (default 15)")
@@ -244,10 +271,13 @@ def main(argv=None) -> PairedRatio:
     with tempfile.TemporaryDirectory(prefix="ab_compare_") as stash:
         sources = {"a": resolve_source(args.a, Path(stash)), "b": resolve_source(args.b, Path(stash))}
         flags = {"a": args.xla_flags_a, "b": args.xla_flags_b}
+        overrides = {"a": parse_overrides(args.config_a, "--config-a"),
+                     "b": parse_overrides(args.config_b, "--config-b")}
         workers, ready = {}, {}
         try:
             for side in ("a", "b"):  # one at a time: the two compiles do not compete for the cores
-                workers[side] = Worker(side.upper(), dict(base, source=str(sources[side])), flags[side])
+                cfg = dict(base, source=str(sources[side]), overrides=overrides[side])
+                workers[side] = Worker(side.upper(), cfg, flags[side])
                 ready[side] = workers[side].read()
             times = {"a": [], "b": []}
             for i, order in enumerate(pair_order(args.pairs)):
@@ -266,6 +296,7 @@ def main(argv=None) -> PairedRatio:
     for side, spec in (("a", args.a), ("b", args.b)):
         t = np.asarray(times[side])
         extra = f", XLA_FLAGS={flags[side]!r}" if flags[side] is not None else ""
+        extra += "".join(f", {k}={v!r}" for k, v in overrides[side].items())
         print(f"  {side.upper()} = {spec} ({sources[side]}{extra}): median {np.median(t):.1f} ms, min {t.min():.1f} ms, "
               f"compile+first {ready[side]['compile_s']:.1f} s, output {ready[side]['output']:.6g}")
     print(f"  {result.verdict} over {args.pairs} pairs")
