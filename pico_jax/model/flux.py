@@ -250,21 +250,72 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (xf * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) · scale over the last axis, in fp32, returned in x's dtype.
+
+    Checkpointed, so the backward keeps x in its own dtype and recomputes the norm: autodiff kept
+    the fp32 copy of x, twice the bytes of a bf16 x, for q and for k of every layer. A written-out
+    VJP that also kept the (…, 1) inverse rms planned more temporaries under remat dots and full
+    (+8 and +7 MiB of 210 and 85 on the reduced bf16 LoRA gradient; benchmarks/RESULTS.md,
+    thirteenth session), this plans none more under any policy."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """LayerNorm without affine parameters, statistics in fp32 (FLUX's pre-modulation norm)."""
     xf = x.astype(jnp.float32)
+    mean, inv = _mean_and_inverse_std(xf, eps)
+    return ((xf - mean) * inv).astype(x.dtype)
+
+
+def _mean_and_inverse_std(xf: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     mean = xf.mean(-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
-    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return mean, jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), -1, keepdims=True) + eps)
 
 
+@jax.custom_vjp
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    return layer_norm(x) * (1 + scale) + shift
+    """layer_norm(x) · (1 + scale) + shift: FLUX's adaptive LayerNorm, shift/scale broadcast over tokens.
+
+    Its gradient is written out so that the backward keeps only x (in its own dtype), the (…, 1)
+    fp32 mean and inverse std, and scale, and recomputes the normalized x: autodiff kept two fp32
+    copies the size of x (x − mean and its normalized form) plus the bf16 normalized x, per norm
+    and layer, stacked over the scanned layers (benchmarks/RESULTS.md, thirteenth session)."""
+    return _modulate_fwd(x, shift, scale)[0]
+
+
+def _modulate_fwd(x, shift, scale):
+    xf = x.astype(jnp.float32)
+    mean, inv = _mean_and_inverse_std(xf, 1e-6)
+    y = ((xf - mean) * inv).astype(x.dtype) * (1 + scale) + shift  # rounded as layer_norm(x) would be
+    return y, (x, mean, inv, scale, shift)
+
+
+def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum t over the axes a broadcast from `shape` expanded (leading or size 1)."""
+    lead = t.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape) if d == 1 and t.shape[lead + i] != 1)
+    return jnp.sum(t, axis=axes, keepdims=True).reshape(shape)
+
+
+def _modulate_bwd(residuals, g):
+    x, mean, inv, scale, shift = residuals
+    gf = g.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * inv
+    dxhat = gf * (1 + scale.astype(jnp.float32))
+    dx = inv * (dxhat - jnp.mean(dxhat, -1, keepdims=True) - xhat * jnp.mean(dxhat * xhat, -1, keepdims=True))
+    dscale = _sum_to_shape(gf * xhat, scale.shape)
+    dshift = _sum_to_shape(gf, shift.shape)
+    return dx.astype(x.dtype), dshift.astype(shift.dtype), dscale.astype(scale.dtype)
+
+
+modulate.defvjp(_modulate_fwd, _modulate_bwd)
 
 
 @jax.custom_vjp
