@@ -78,3 +78,21 @@ def test_ab_compare_runs_two_workers_and_they_compute_the_same_step():
     assert all(float(ms) > 0 for ms, _ in outputs)
     assert outputs[0][1] == outputs[1][1]
     assert re.search(r"B/A = [0-9.]+ \(90% interval [0-9.]+-[0-9.]+.*over 3 pairs", proc.stdout)
+
+
+def test_parse_overrides_reads_json_values_and_names_a_malformed_flag():
+    assert ab.parse_overrides(["scan_unroll=0", "remat=dots", "axes_dims_rope=[4,6,6]"], "--config-b") == {
+        "scan_unroll": 0, "remat": "dots", "axes_dims_rope": [4, 6, 6]}
+    with pytest.raises(SystemExit, match="--config-a 'remat' is not FIELD=VALUE"):
+        ab.parse_overrides(["remat"], "--config-a")
+
+
+def test_ab_compare_names_an_unknown_config_field_and_fails():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--a", str(ROOT), "--b", str(ROOT), "--pairs", "2",
+                           "--double", "1", "--single", "1", "--width", "64", "--head-dim", "32", "--tokens", "4",
+                           "--text", "4", "--config-b", "no_such_field=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "FluxConfig has no field no_such_field" in proc.stdout + proc.stderr
+    assert "worker B exited" in proc.stdout + proc.stderr
