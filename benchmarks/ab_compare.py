@@ -120,7 +120,8 @@ def _build_program(cfg: dict):
     unknown = sorted(set(cfg["overrides"]) - {f.name for f in dataclasses.fields(fc)})
     if unknown:
         raise SystemExit(f"ab_compare worker ({cfg['source']}): FluxConfig has no field {', '.join(unknown)}")
-    fc = dataclasses.replace(fc, **cfg["overrides"])
+    # JSON has no tuples; FluxConfig is frozen and hashed, so its sequence fields must be tuples.
+    fc = dataclasses.replace(fc, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["overrides"].items()})
     n_img = tokens * tokens
     g = np.random.default_rng(0)
     x = jnp.asarray(g.standard_normal((1, n_img, 64)), dtype)

@@ -253,6 +253,8 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.scale[...], self.eps)
 
 
+# prevent_cse=False: the norm runs inside the scanned blocks, where scan already keeps XLA from
+# merging the recomputation with the forward (and the barriers would cost fusion).
 @functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """x / rms(x) · scale over the last axis, in fp32, returned in x's dtype.
@@ -284,7 +286,7 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     """layer_norm(x) · (1 + scale) + shift: FLUX's adaptive LayerNorm, shift/scale broadcast over tokens.
 
     Its gradient is written out so that the backward keeps only x (in its own dtype), the (…, 1)
-    fp32 mean and inverse std, and scale, and recomputes the normalized x: autodiff kept two fp32
+    fp32 mean and inverse std, and the (small) shift and scale, and recomputes the normalized x: autodiff kept two fp32
     copies the size of x (x − mean and its normalized form) plus the bf16 normalized x, per norm
     and layer, stacked over the scanned layers (benchmarks/RESULTS.md, thirteenth session)."""
     return _modulate_fwd(x, shift, scale)[0]
