@@ -102,8 +102,10 @@ def resolve_source(spec: str, stash: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- worker
 
-def _build_program(cfg: dict):
-    """The jitted program and its arguments, from the public model API that every revision has."""
+def build_program(cfg: dict):
+    """(jitted program, its arguments, output → summary number) for `cfg` (the keys `base` in main
+    makes, plus `overrides` and `source`), from the public model API that every revision has.
+    benchmarks/profile_forward.py --program lora profiles the same step."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -173,7 +175,7 @@ def worker(cfg: dict) -> None:
 
     if not Path(pico_jax.__file__).resolve().is_relative_to(Path(source)):
         raise SystemExit(f"ab_compare worker: imported pico_jax from {pico_jax.__file__}, not from {source}")
-    fn, args, summary = _build_program(cfg)
+    fn, args, summary = build_program(cfg)
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     first_s = time.perf_counter() - t0

@@ -1,22 +1,28 @@
-"""Profile the jitted FLUX forward: the two numbers (FLOPs and bytes, from XLA's cost analysis and
-counted analytically), the machine's two limits (measured matmul rate and memory bandwidth), the
-roofline bound they imply, and where the time goes (a jax.profiler trace, every executed HLO op
-attributed to a category by what its fused computation contains).
+"""Profile the jitted FLUX forward, or a LoRA training step: the two numbers (FLOPs and bytes,
+from XLA's cost analysis and counted analytically), the machine's two limits (measured matmul
+rate and memory bandwidth), the roofline bound they imply, and where the time goes (a
+jax.profiler trace, every executed HLO op attributed to a category by what its fused computation
+contains).
 
     python benchmarks/profile_forward.py [--double 2 --single 4 --width 512 --tokens 32 --text 32]
     python benchmarks/profile_forward.py --trace-dir /tmp/prof   # keep the trace (TensorBoard / Perfetto)
     python benchmarks/profile_forward.py --config flux1-dev --tokens 64 --text 512 --dtype bfloat16 --no-run
                                              # full size: cost analysis only (compiled, never allocated)
+    python benchmarks/profile_forward.py --program lora --dtype bfloat16   # one LoRA training step
 
 Default: the reduced model of bench_forward.py (2 double + 4 single blocks, width 512, 1024 image +
-32 text tokens, batch 1, fp32). Category times are sums over the traced runs divided by the number
-of runs; ops of one category can overlap on several cores, so shares are of the summed op time.
+32 text tokens, batch 1, fp32). `--program lora` profiles the step that ab_compare.py times (the
+same builder: forward, backward on rank-r LoRA factors, AdamW, as in bench_lora_step.py).
+Category times are sums over the traced runs divided by the number of runs; ops of one category
+can overlap on several cores, so shares are of the summed op time, and an op's time in the trace
+includes any wait for a core (an op timed alone can be much faster).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -130,18 +136,23 @@ def xla_cost(cfg, shapes, dtype) -> tuple[float, float]:
     from pico_jax.model.flux import abstract_model
 
     graphdef, state = nnx.split(abstract_model(cfg.replace(scan_unroll=0), dtype=dtype, param_dtype=dtype))
-    before = os.environ.get("PICO_JAX_ATTENTION")
-    os.environ["PICO_JAX_ATTENTION"] = "xla"
-    try:
+    with forced_attention("xla"):
         lowered = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).lower(state, *shapes)
+    return _cost(lowered.compile())
+
+
+@contextlib.contextmanager
+def forced_attention(name: str):
+    """PICO_JAX_ATTENTION=name while tracing inside the block, the environment as it was after."""
+    before = os.environ.get("PICO_JAX_ATTENTION")
+    os.environ["PICO_JAX_ATTENTION"] = name
+    try:
+        yield
     finally:
         if before is None:
             os.environ.pop("PICO_JAX_ATTENTION")
         else:
             os.environ["PICO_JAX_ATTENTION"] = before
-    cost = lowered.compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
 def cfg_param_bytes(cfg, dtype) -> int:
@@ -154,23 +165,110 @@ def cfg_param_bytes(cfg, dtype) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="a named FluxConfig (flux1-dev, ...) instead of the reduced model")
-    ap.add_argument("--double", type=int, default=2)
-    ap.add_argument("--single", type=int, default=4)
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=32, help="canvas side in tokens (image tokens = tokens^2)")
-    ap.add_argument("--text", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--runs", type=int, default=3, help="traced runs (after one warm-up)")
-    ap.add_argument("--top", type=int, default=12, help="slowest ops to list")
-    ap.add_argument("--trace-dir", default=None, help="keep the profiler trace here (default: a temp dir)")
-    ap.add_argument("--no-run", action="store_true", help="compile and print the cost analysis only")
-    args = ap.parse_args(argv)
+def op_breakdown(run, hlo_text: str, runs: int, trace_dir: str | None):
+    """(category → µs per call, [(µs per call, op name, category, result shape)]) from a trace of
+    `runs` calls of `run`, every op attributed through the compiled program's HLO."""
+    table = hlo_ops(hlo_text)
+    with tempfile.TemporaryDirectory() as tmp:
+        times = trace_op_times(run, runs, trace_dir or tmp)
+    per_cat: dict[str, float] = collections.Counter()
+    per_op = []
+    for name, us in times.items():
+        if name not in table or table[name][0] in _CONTAINERS:
+            continue  # host-side events, and loops whose bodies are counted op by op
+        cat = categorize(*table[name])
+        per_cat[cat] += us / runs
+        per_op.append((us / runs, name, cat, table[name][2]))
+    return per_cat, per_op
 
+
+def print_breakdown(per_cat, per_op, *, what: str, wall: float, flops: float, peak: float, top: int) -> None:
+    total = sum(per_cat.values())
+    print(f"\nwhere the time goes (summed op time {total / 1e3:.1f} ms per {what}, wall {wall * 1e3:.1f} ms):")
+    print(f"| category | ms per {what} | share |")
+    print("|---|---|---|")
+    for cat in CATEGORIES:
+        if per_cat.get(cat):
+            print(f"| {cat} | {per_cat[cat] / 1e3:.1f} | {per_cat[cat] / total:.0%} |")
+    if per_cat.get("matmul"):
+        rate = flops / (per_cat["matmul"] / 1e6)
+        print(f"matmul ops run at {rate / 1e9:.1f} GFLOP/s ({rate / peak:.0%} of the measured matmul rate)")
+    print(f"\nslowest {top} ops (ms per {what}):")
+    for us, name, cat, shape in sorted(per_op, reverse=True)[:top]:
+        print(f"  {us / 1e3:7.2f}  {name:28s} {cat:20.20s} -> {shape}")
+
+
+def median_wall(run, runs: int) -> float:
+    n = max(runs, 3)
+    return sorted(_time(run) for _ in range(n))[n // 2]
+
+
+def machine_limits(dtype: str) -> tuple[float, float]:
+    """Print this machine's matmul rate for `dtype` and its stream bandwidth; return (peak FLOP/s, bytes/s)."""
+    rate_jax, rate_torch = matmul_rate(dtype=dtype)
+    peak = max(rate_jax, rate_torch)
+    bw = memory_bandwidth()
+    print(f"machine: {dtype} matmul {peak / 1e9:.1f} GFLOP/s (jax {rate_jax / 1e9:.1f}, torch {rate_torch / 1e9:.1f}), "
+          f"stream bandwidth {bw / 1e9:.1f} GB/s")
+    return peak, bw
+
+
+def _cost(compiled) -> tuple[float, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def _temporaries(compiled) -> str:
+    mem = compiled.memory_analysis()
+    return f"{mem.temp_size_in_bytes / 2**20:.0f} MiB" if mem is not None else "n/a"
+
+
+def profile_lora(args) -> None:
+    """The LoRA training step of ab_compare.py: cost analysis of its unrolled all-heads form, then
+    the step as it runs, timed and traced."""
+    import jax
+
+    from ab_compare import build_program
+    from pico_jax.model.attention import attention_implementation
+
+    base = dict(program="lora", dtype=args.dtype, double=args.double, single=args.single, width=args.width,
+                head_dim=args.head_dim, tokens=args.tokens, text=args.text, rank=args.rank,
+                source=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    n_img, n_txt = args.tokens**2, args.text
+    with forced_attention("xla"):
+        fn, fargs, _ = build_program(dict(base, overrides={"scan_unroll": 0}))
+        lowered = fn.lower(*fargs)
+    xla_flops, xla_bytes = _cost(lowered.compile())
+    dev = jax.devices()[0]
+    print(f"device: {dev.platform} ({dev.device_kind}), {os.cpu_count()} host cores, jax {jax.__version__}")
+    print(f"program: LoRA step (forward, backward on rank-{args.rank} factors, AdamW) of the reduced FLUX: "
+          f"{args.double} double + {args.single} single blocks, width {args.width}, {n_img} image + {n_txt} text "
+          f"tokens, batch 1, {args.dtype}")
+    print(f"the two numbers (XLA cost analysis of the unrolled step with one N×N XLA attention, autodiff):")
+    print(f"  FLOPs {xla_flops / 1e9:.3g} G; bytes accessed {xla_bytes / 2**30:.2f} GiB; "
+          f"{xla_flops / xla_bytes:.0f} FLOP/byte")
+    fn, fargs, summary = build_program(dict(base, overrides={}))
+    t0 = time.perf_counter()
+    compiled = fn.lower(*fargs).compile()
+    print(f"the step as it runs (scanned stacks, attention: "
+          f"{attention_implementation(getattr(jax.numpy, args.dtype), args.head_dim, n_img + n_txt)}) compiles in "
+          f"{time.perf_counter() - t0:.1f} s; temporaries {_temporaries(compiled)}")
+
+    def run():
+        return jax.block_until_ready(compiled(*fargs))
+
+    print(f"  loss {summary(run()):.6g}")
+    wall = median_wall(run, args.runs)
+    peak, _ = machine_limits(args.dtype)
+    print(f"step: median {wall * 1e3:.1f} ms = {xla_flops / wall / 1e9:.1f} GFLOP/s (XLA's FLOPs of the autodiff "
+          f"graph; the step as it runs recomputes attention probabilities in its backward) = "
+          f"{xla_flops / wall / peak:.0%} of the matmul rate")
+    per_cat, per_op = op_breakdown(run, compiled.as_text(), args.runs, args.trace_dir)
+    print_breakdown(per_cat, per_op, what="step", wall=wall, flops=xla_flops, peak=peak, top=args.top)
+
+
+def profile_forward(args) -> None:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -204,7 +302,7 @@ def main(argv=None):
     print(f"model: {args.config or 'reduced FLUX'}: {cfg.num_double} double + {cfg.num_single} single blocks, width "
           f"{width}, {n_img} image + {n_txt} text tokens, batch {B}, {args.dtype}")
     print(f"the two numbers (XLA cost analysis of the unrolled forward with one N×N XLA attention; {cost_s:.0f} s):")
-    print(f"  FLOPs {xla_flops / 1e9:.1f} G (analytic count of matmuls + attention: {flops / 1e9:.1f} G)")
+    print(f"  FLOPs {xla_flops / 1e9:.3g} G (analytic count of matmuls + attention: {flops / 1e9:.3g} G)")
     print(f"  bytes accessed {xla_bytes / 2**30:.2f} GiB (parameters alone {param_bytes / 2**30:.2f} GiB); "
           f"{xla_flops / xla_bytes:.0f} FLOP/byte")
     if args.no_run:
@@ -214,7 +312,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     compiled = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).lower(state, *shapes).compile()
     print(f"the model as it runs (scanned stacks, attention: "
-          f"{attention_implementation(dtype, cfg.head_dim, n_img + n_txt)}) compiles in {time.perf_counter() - t0:.1f} s")
+          f"{attention_implementation(dtype, cfg.head_dim, n_img + n_txt)}) compiles in {time.perf_counter() - t0:.1f} s; "
+          f"temporaries {_temporaries(compiled)}")
 
     g = jax.random.split(jax.random.key(0), 4)
     inputs = [jax.random.normal(g[0], shapes[0].shape, dtype), jax.random.normal(g[1], shapes[1].shape, dtype),
@@ -226,42 +325,46 @@ def main(argv=None):
         return compiled(state, *inputs).block_until_ready()
 
     run()
-    wall = sorted(_time(run) for _ in range(max(args.runs, 3)))[len(range(max(args.runs, 3))) // 2]
-    rate_jax, rate_torch = matmul_rate()
-    peak = max(rate_jax, rate_torch)
-    bw = memory_bandwidth()
+    wall = median_wall(run, args.runs)
+    peak, bw = machine_limits(args.dtype)
     t_compute, t_memory = xla_flops / peak, xla_bytes / bw
-    print(f"machine: matmul {peak / 1e9:.1f} GFLOP/s (jax {rate_jax / 1e9:.1f}, torch {rate_torch / 1e9:.1f}), "
-          f"stream bandwidth {bw / 1e9:.1f} GB/s")
     print(f"forward: median {wall * 1e3:.1f} ms = {flops / wall / 1e9:.1f} GFLOP/s (analytic FLOPs) = "
           f"{flops / wall / peak:.0%} of the matmul rate")
     print(f"roofline of the all-heads XLA graph: compute {t_compute * 1e3:.0f} ms, bytes {t_memory * 1e3:.0f} ms "
           f"(the headwise/fused attention that runs moves fewer bytes than this graph counts)")
+    per_cat, per_op = op_breakdown(run, compiled.as_text(), args.runs, args.trace_dir)
+    print_breakdown(per_cat, per_op, what="forward", wall=wall, flops=flops, peak=peak, top=args.top)
 
-    table = hlo_ops(compiled.as_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        times = trace_op_times(run, args.runs, args.trace_dir or tmp)
-    per_cat: dict[str, float] = collections.Counter()
-    per_op = []
-    for name, us in times.items():
-        if name not in table or table[name][0] in _CONTAINERS:
-            continue  # host-side events, and loops whose bodies are counted op by op
-        cat = categorize(*table[name])
-        per_cat[cat] += us / args.runs
-        per_op.append((us / args.runs, name, cat, table[name][2]))
-    total = sum(per_cat.values())
-    print(f"\nwhere the time goes (summed op time {total / 1e3:.1f} ms per forward, wall {wall * 1e3:.1f} ms):")
-    print("| category | ms per forward | share |")
-    print("|---|---|---|")
-    for cat in CATEGORIES:
-        if per_cat.get(cat):
-            print(f"| {cat} | {per_cat[cat] / 1e3:.1f} | {per_cat[cat] / total:.0%} |")
-    if per_cat.get("matmul"):
-        print(f"matmul ops run at {flops / (per_cat['matmul'] / 1e6) / 1e9:.1f} GFLOP/s "
-              f"({flops / (per_cat['matmul'] / 1e6) / peak:.0%} of the measured matmul rate)")
-    print(f"\nslowest {args.top} ops (ms per forward):")
-    for us, name, cat, shape in sorted(per_op, reverse=True)[: args.top]:
-        print(f"  {us / 1e3:7.2f}  {name:28s} {cat:20.20s} -> {shape}")
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--program", choices=("forward", "lora"), default="forward",
+                    help="forward (default), or lora: one LoRA training step of the reduced model")
+    ap.add_argument("--config", default=None, help="a named FluxConfig (flux1-dev, ...) instead of the reduced model "
+                                                   "(--program forward only)")
+    ap.add_argument("--double", type=int, default=2)
+    ap.add_argument("--single", type=int, default=4)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=32, help="canvas side in tokens (image tokens = tokens^2)")
+    ap.add_argument("--text", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1, help="batch size (--program forward only; the step uses 1)")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (--program lora)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--runs", type=int, default=3, help="traced runs (after one warm-up)")
+    ap.add_argument("--top", type=int, default=12, help="slowest ops to list")
+    ap.add_argument("--trace-dir", default=None, help="keep the profiler trace here (default: a temp dir)")
+    ap.add_argument("--no-run", action="store_true", help="compile and print the cost analysis only (forward)")
+    args = ap.parse_args(argv)
+    if args.width % args.head_dim:
+        ap.error(f"--width {args.width} is not a multiple of --head-dim {args.head_dim}")
+    if args.program == "lora":
+        for flag, bad in (("--config", args.config), ("--batch", args.batch != 1), ("--no-run", args.no_run)):
+            if bad:
+                ap.error(f"{flag} applies to --program forward only")
+        profile_lora(args)
+    else:
+        profile_forward(args)
     if args.trace_dir:
         print(f"\ntrace kept in {args.trace_dir} (tensorboard --logdir {args.trace_dir}, or open the perfetto file)")
 

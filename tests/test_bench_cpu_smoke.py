@@ -1,4 +1,4 @@
-"""benchmarks/bench_forward.py and bench_lora_step.py at toy size, in a subprocess, in both dtypes:
+"""benchmarks/bench_forward.py, bench_lora_step.py and profile_forward.py at toy size, in a subprocess, in both dtypes:
 they run, print the ratio line, and the two models agree (fp32: to float precision; bf16: ours
 stays close to the fp32 reference on the same weights)."""
 
@@ -63,3 +63,23 @@ def test_bench_compile_lora_gradient_at_full_size():
     assert "flux1-dev: 11," in out and "LoRA gradient (rank 4" in out and "remat=full" in out
     assert "on 8 simulated cpu devices" in out
     assert _number(r"temporaries ([0-9.]+) GiB", out) > 0
+
+
+@pytest.mark.parametrize("program", ["forward", "lora"])
+def test_profile_attributes_the_traced_time(program):
+    """profile_forward.py at toy size: the cost analysis counts FLOPs, and the trace's op time is
+    attributed to categories that add up to 100 %, with matmuls among them."""
+    toy = TOY[:-2] + ["--runs", "1", "--top", "3"]  # its own --runs instead of --repeat
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    extra = ["--program", program] + (["--rank", "4"] if program == "lora" else [])
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_forward.py"), *toy, *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    out = proc.stdout
+    assert _number(r"FLOPs ([0-9.e+-]+) G", out) > 0
+    shares = [float(s) for s in re.findall(r"^\| [^|]+ \| [0-9.]+ \| ([0-9]+)% \|$", out, re.MULTILINE)]
+    assert shares and abs(sum(shares) - 100) <= len(shares), out  # rounded shares of one total
+    assert re.search(r"^\| matmul \| [0-9.]+ \|", out, re.MULTILINE), out
+    assert len(re.findall(r"^ +[0-9.]+  \S+ +.+ -> ", out, re.MULTILINE)) == 3, out
+    if program == "lora":
+        assert "LoRA step" in out and _number(r"loss ([0-9.e+-]+)", out) > 0
