@@ -222,22 +222,29 @@ def _headwise_bwd(residuals, d_out):
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (B, N, H)
 
     def one_head(args):
-        qh, kh, vh, doh, lse_h, delta_h = args  # (B, N, D) ×4, (B, N) ×2
+        qh, kh, vh, doh, lse_h, delta_h, kh_t = args  # (B, N, D) ×4, (B, N) ×2, (B, D, N)
         # The (N, N) factors are built transposed, keys first: dV = Pᵀ·dO and dK = dSᵀ·Q then
         # contract over their operands' trailing axis. XLA:CPU runs a bf16 product that contracts
-        # its left operand's leading axis in fp32, over an fp32 copy of that operand; this way
-        # only dQ does. (Both changes, one layer's bf16 attention gradient on CPU: 50–57 → 40 ms.)
+        # its left operand's leading axis in fp32, over an fp32 copy of that operand; dQ = dS·K
+        # would be one, so it is computed transposed, dQᵀ = Kᵀ·dSᵀ, from a Kᵀ made before the
+        # loop (a transpose inside it is folded into the product's dimensions, and the product
+        # is upcast again). One layer's bf16 attention gradient on CPU: 50–57 → 40 ms (keys
+        # first), then −12 % (dQᵀ; the whole bf16 LoRA step −3 %: benchmarks/RESULTS.md).
         logits_t = mm("bkd,bqd->bkq", kh, qh) * scale
         probs_t = jnp.exp(logits_t - lse_h[:, None, :])
         dv = mm("bkq,bqd->bkd", probs_t, doh)
         dprobs_t = mm("bkd,bqd->bkq", vh, doh)
+        # dS from the fp32 probabilities: rounding them to bf16 first saves one pass over (N, N)
+        # but raised dQ's and dK's mean error against fp32 by 40 %.
         dlogits_t = probs_t * (dprobs_t - delta_h[:, None, :]) * scale
         dk = mm("bkq,bqd->bkd", dlogits_t, qh)
-        dq = mm("bkq,bkd->bqd", dlogits_t, kh)
-        return dq, dk, dv
+        dq_t = mm("bdk,bkq->bdq", kh_t, dlogits_t)
+        return dq_t, dk, dv
 
-    heads_first = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, d_out))
-    dq, dk, dv = jax.lax.map(one_head, (*heads_first, lse, jnp.moveaxis(delta, 2, 0)))
+    heads_first = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, d_out))  # (H, B, N, D)
+    k_t = jnp.transpose(k, (2, 0, 3, 1))  # (H, B, D, N)
+    dq_t, dk, dv = jax.lax.map(one_head, (*heads_first, lse, jnp.moveaxis(delta, 2, 0), k_t))
+    dq = jnp.transpose(dq_t, (0, 1, 3, 2))
     return tuple(jnp.moveaxis(g, 0, 2).astype(x.dtype) for g, x in zip((dq, dk, dv), (q, k, v)))
 
 
