@@ -42,6 +42,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling scripts; pico_jax comes from each side's source
+
+from bench_forward import add_reduced_flux_args  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- stats
@@ -253,12 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--program", choices=("forward", "lora"), default="forward")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--pairs", type=int, default=15, help="timed calls per side, interleaved (default 15)")
-    ap.add_argument("--double", type=int, default=2)
-    ap.add_argument("--single", type=int, default=4)
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=32, help="canvas side in tokens (image tokens = tokens^2)")
-    ap.add_argument("--text", type=int, default=32)
+    add_reduced_flux_args(ap)
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank (--program lora)")
     return ap
 

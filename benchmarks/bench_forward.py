@@ -66,14 +66,19 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
+def add_reduced_flux_args(ap) -> None:
+    """The size flags every CPU benchmark shares; defaults are the issue's reduced FLUX."""
+    ap.add_argument("--double", type=int, default=2, help="double-stream blocks (default 2)")
+    ap.add_argument("--single", type=int, default=4, help="single-stream blocks (default 4)")
+    ap.add_argument("--width", type=int, default=512, help="model width, heads x head dim (default 512)")
+    ap.add_argument("--head-dim", type=int, default=64, help="per-head width (default 64)")
+    ap.add_argument("--tokens", type=int, default=32, help="canvas side in tokens (image tokens = tokens^2; default 32)")
+    ap.add_argument("--text", type=int, default=32, help="text tokens (default 32)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--double", type=int, default=2)
-    ap.add_argument("--single", type=int, default=4)
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=32, help="canvas side in tokens (image tokens = tokens^2)")
-    ap.add_argument("--text", type=int, default=32)
+    add_reduced_flux_args(ap)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="weights and compute dtype of both models (default float32, the issue's setting)")

@@ -19,16 +19,14 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_forward import add_reduced_flux_args  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--double", type=int, default=2)
-    ap.add_argument("--single", type=int, default=4)
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--text", type=int, default=32)
+    add_reduced_flux_args(ap)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--scan-unroll", type=int, default=1,

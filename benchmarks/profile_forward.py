@@ -35,7 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_forward import _time, forward_flops, matmul_rate  # noqa: E402
+from bench_forward import _time, add_reduced_flux_args, forward_flops, matmul_rate  # noqa: E402
 
 CATEGORIES = ("matmul", "attention softmax", "norm / reduction", "elementwise (modulation, RoPE, gates, GELU)",
               "copy / transpose", "other")
@@ -342,12 +342,7 @@ def main(argv=None):
                     help="forward (default), or lora: one LoRA training step of the reduced model")
     ap.add_argument("--config", default=None, help="a named FluxConfig (flux1-dev, ...) instead of the reduced model "
                                                    "(--program forward only)")
-    ap.add_argument("--double", type=int, default=2)
-    ap.add_argument("--single", type=int, default=4)
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=32, help="canvas side in tokens (image tokens = tokens^2)")
-    ap.add_argument("--text", type=int, default=32)
+    add_reduced_flux_args(ap)
     ap.add_argument("--batch", type=int, default=1, help="batch size (--program forward only; the step uses 1)")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank (--program lora)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
