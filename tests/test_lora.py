@@ -361,6 +361,60 @@ def test_bad_files_are_named(base, tmp_path):
 
 
 @pytest.mark.parametrize("shape", [(37, 24), (2, 19, 24)])
+def test_lora_delta_narrow_gradient_matches_fp32(shape):
+    """bf16 operands with fp32 products (what `Dense` asks for on CPU): the forward and the
+    written-out narrow backward agree with fp32 autodiff of the same bf16 values, to bf16
+    rounding (dy and the (N, r) intermediates are rounded once each)."""
+    from pico_jax.model.flux import lora_delta
+
+    kx, ka, kb, kg = jax.random.split(jax.random.key(5), 4)
+    bf = jnp.bfloat16
+    x = jax.random.normal(kx, shape).astype(bf)
+    a, b = (jax.random.normal(ka, (24, 4)) * 0.3).astype(bf), (jax.random.normal(kb, (4, 40)) * 0.3).astype(bf)
+    w = jax.random.normal(kg, (*shape[:-1], 40))
+    f32 = lambda t: t.astype(jnp.float32)
+
+    def loss(f):
+        return lambda x, a, b: jnp.sum(jnp.sin(f(x, a, b)) * w)
+
+    plain = lambda x, a, b: jnp.dot(jnp.dot(f32(x), f32(a)), f32(b)) * 0.375
+    out = lora_delta(x, a, b, 0.375, jnp.float32)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, plain(x, a, b), rtol=2e-2, atol=2e-2)
+    got = jax.grad(loss(lambda x, a, b: lora_delta(x, a, b, 0.375, jnp.float32)), (0, 1, 2))(x, a, b)
+    want = jax.grad(loss(plain), (0, 1, 2))(x, a, b)
+    for g, h, v in zip(got, want, (x, a, b)):
+        assert g.shape == v.shape and g.dtype == bf
+        err = float(jnp.max(jnp.abs(f32(g) - h)) / jnp.max(jnp.abs(h)))
+        assert err < 2e-2, err
+
+
+def test_lora_delta_narrow_backward_makes_no_fp32_copy_of_big_operands():
+    """XLA:CPU multiplies a product it cannot run natively in bf16 over fp32 copies of both
+    operands; the narrow backward keeps every product native, so no fp32 array of the input's
+    (N, K) or the gradient's (N, O) size is made (the autodiff-style forms made four)."""
+    import re
+
+    from pico_jax.model.flux import lora_delta
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the fp32 upcast is XLA:CPU's")
+    n, k, o = 96, 80, 112
+    x = jnp.ones((1, n, k), jnp.bfloat16)
+    a, b = jnp.ones((k, 8), jnp.bfloat16), jnp.ones((8, o), jnp.bfloat16)
+    g = jnp.ones((1, n, o), jnp.float32)
+
+    def loss(x, a, b):
+        return jnp.sum(lora_delta(x, a, b, 0.5, jnp.float32) * g)
+
+    hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, a, b).compile().as_text()
+    big = re.findall(rf"= f32\[(?:1,)?{n},(?:{k}|{o})\]\S* (?:fusion|convert)\(", hlo)
+    # the one allowed: dx's own fp32 product output (N, K) before it is rounded to bf16
+    assert len(big) <= 1, big
+    assert np.all(np.isfinite(np.asarray(jax.jit(jax.grad(loss, (0, 1, 2)))(x, a, b)[1], np.float32)))
+
+
+@pytest.mark.parametrize("shape", [(37, 24), (2, 19, 24)])
 def test_lora_delta_gradient_equals_autodiff(shape):
     """The hand-written LoRA backward (chosen for XLA:CPU layouts) is the exact gradient."""
     from pico_jax.model.flux import lora_delta

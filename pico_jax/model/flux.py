@@ -161,7 +161,7 @@ class Dense(nnx.Module):
             y = y + self.bias[...].astype(acc)
         if self.lora_a is not None:
             y = y + lora_delta(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype),
-                               float(self.lora_scale)).astype(acc)
+                               float(self.lora_scale), acc)
         return y.astype(self.dtype)
 
 
@@ -212,24 +212,37 @@ def _narrow_product_bwd(residuals, g):
 narrow_product.defvjp(_narrow_product_fwd, _narrow_product_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """The LoRA branch (x·A)·B · scale, x (..., K), A (K, r), B (r, O).
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, out_dtype: Any = None) -> jax.Array:
+    """The LoRA branch (x·A)·B · scale, x (..., K), A (K, r), B (r, O), returned in `out_dtype`
+    (default x's; `Dense` asks for its accumulation dtype, fp32 for bf16/fp16 on CPU).
 
-    Its gradient is written out (custom VJP) so that every product in the backward contracts over
-    tokens with the *small* operand transposed: dA = (xᵀ·dlow), dB = (dyᵀ·low)ᵀ. Left to
-    autodiff, XLA:CPU laid the N×O gradient out transposed and fused that transpose into the GELU
-    backward, a strided copy that took a quarter of a LoRA step (benchmarks/RESULTS.md)."""
-    return jnp.dot(jnp.dot(x, a), b) * jnp.asarray(scale, x.dtype)
-
-
-def _lora_delta_fwd(x, a, b, scale):
-    low = jnp.dot(x, a)
-    return jnp.dot(low, b) * jnp.asarray(scale, x.dtype), (x, a, b, low)
+    Its gradient is written out (custom VJP) for XLA:CPU's layouts. With x's dtype out, every
+    backward product contracts over tokens with the *small* operand transposed: dA = xᵀ·dlow,
+    dB = (dyᵀ·low)ᵀ; left to autodiff, XLA:CPU laid the N×O gradient out transposed and fused that
+    transpose into the GELU backward, a strided copy that took a quarter of a LoRA step. With
+    narrow x and a wider `out_dtype`, see `_lora_delta_bwd_narrow` (benchmarks/RESULTS.md)."""
+    return _lora_delta(x, a, b, float(scale), jnp.dtype(out_dtype if out_dtype is not None else x.dtype))
 
 
-def _lora_delta_bwd(scale, residuals, dy):
+def _product(p: jax.Array, q: jax.Array, p_axis: int, q_axis: int, out_dtype: Any) -> jax.Array:
+    """p (2-D or more) contracted with q over one axis each, accumulated and returned in out_dtype."""
+    return jax.lax.dot_general(p, q, (((p_axis,), (q_axis,)), ((), ())), preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lora_delta(x, a, b, scale, out_dtype):
+    return _lora_delta_fwd(x, a, b, scale, out_dtype)[0]
+
+
+def _lora_delta_fwd(x, a, b, scale, out_dtype):
+    low = _product(x, a, x.ndim - 1, 0, out_dtype).astype(x.dtype)
+    return _product(low, b, low.ndim - 1, 0, out_dtype) * jnp.asarray(scale, out_dtype), (x, a, b, low)
+
+
+def _lora_delta_bwd(scale, out_dtype, residuals, dy):
     x, a, b, low = residuals
+    if jnp.dtype(x.dtype) != out_dtype:
+        return _lora_delta_bwd_narrow(scale, residuals, dy)
     s = jnp.asarray(scale, dy.dtype)
     x2, dy2, low2 = (t.reshape(-1, t.shape[-1]) for t in (x, dy, low))  # tokens of all examples
     dlow = jnp.dot(dy2, b.T) * s  # (N, r)
@@ -239,7 +252,33 @@ def _lora_delta_bwd(scale, residuals, dy):
     return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 
-lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+def _lora_delta_bwd_narrow(scale, residuals, dy):
+    """The backward for bf16/fp16 operands with fp32 products, every product in a form XLA:CPU
+    runs natively (YNNPACK, narrow × narrow → fp32): the left operand contracted over its
+    trailing axis. Any other form, or a narrow-output product, XLA:CPU runs in fp32 over fp32
+    copies of *both* operands — here the (N, K) input and the (N, O) gradient. So the two
+    token-contracting products take an (r, N) left operand made by a product: dlowᵀ = B·dyᵀ,
+    and lowᵀ = I·lowᵀ (an exact identity product: a transpose would be folded into the product's
+    dimensions, or laid out away, and the product upcast). dA is made as (r, K) and transposed
+    behind an optimization barrier: XLA otherwise folds that transpose into the product by
+    swapping its operands, a form its fallback dot cannot run in bf16 (an "Unsupported element
+    type for DotThunk" error at run time). One LoRA'd (1056, 2560) → 512 layer's branch,
+    forward and backward: 7.5 → 2.5 ms (benchmarks/RESULTS.md, sixteenth session)."""
+    x, a, b, low = residuals
+    f32, narrow = jnp.float32, x.dtype
+    s = jnp.asarray(scale, f32)
+    x2, low2 = x.reshape(-1, x.shape[-1]), low.reshape(-1, low.shape[-1])  # tokens of all examples
+    dy2 = dy.reshape(-1, dy.shape[-1]).astype(narrow)  # rounded once, as narrow_product's backward does
+    dlow = (_product(dy2, b, 1, 1, f32) * s).astype(narrow)  # (N, r)
+    dlow_t = (_product(b, dy2, 1, 1, f32) * s).astype(narrow)  # (r, N)
+    low_t = _product(jnp.eye(low2.shape[1], dtype=narrow), low2, 1, 1, f32).astype(narrow)  # (r, N)
+    da = jax.lax.optimization_barrier(_product(dlow_t, x2, 1, 0, f32)).T  # (K, r)
+    db = _product(low_t, dy2, 1, 0, f32) * s  # (r, O)
+    dx = _product(dlow, a, 1, 1, f32).reshape(x.shape)  # (N, K)
+    return dx.astype(narrow), da.astype(a.dtype), db.astype(b.dtype)
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 class RMSNorm(nnx.Module):
