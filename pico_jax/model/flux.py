@@ -161,7 +161,7 @@ class Dense(nnx.Module):
             y = y + self.bias[...].astype(acc)
         if self.lora_a is not None:
             y = y + lora_delta(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype),
-                               float(self.lora_scale), acc)
+                               float(self.lora_scale), acc).astype(acc)
         return y.astype(self.dtype)
 
 
@@ -212,16 +212,21 @@ def _narrow_product_bwd(residuals, g):
 narrow_product.defvjp(_narrow_product_fwd, _narrow_product_bwd)
 
 
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, out_dtype: Any = None) -> jax.Array:
-    """The LoRA branch (x·A)·B · scale, x (..., K), A (K, r), B (r, O), returned in `out_dtype`
-    (default x's; `Dense` asks for its accumulation dtype, fp32 for bf16/fp16 on CPU).
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, acc_dtype: Any = None) -> jax.Array:
+    """The LoRA branch (x·A)·B · scale, x (..., K), A (K, r), B (r, O), in x's dtype; the products
+    that read the (N, K) input or the (N, O) gradient accumulate in `acc_dtype` (default x's;
+    `Dense` passes its accumulation dtype, fp32 for bf16/fp16 on CPU).
 
-    Its gradient is written out (custom VJP) for XLA:CPU's layouts. With x's dtype out, every
-    backward product contracts over tokens with the *small* operand transposed: dA = xᵀ·dlow,
-    dB = (dyᵀ·low)ᵀ; left to autodiff, XLA:CPU laid the N×O gradient out transposed and fused that
-    transpose into the GELU backward, a strided copy that took a quarter of a LoRA step. With
-    narrow x and a wider `out_dtype`, see `_lora_delta_bwd_narrow` (benchmarks/RESULTS.md)."""
-    return _lora_delta(x, a, b, float(scale), jnp.dtype(out_dtype if out_dtype is not None else x.dtype))
+    Its gradient is written out (custom VJP) for XLA:CPU's layouts. With x's dtype throughout,
+    every backward product contracts over tokens with the *small* operand transposed: dA =
+    xᵀ·dlow, dB = (dyᵀ·low)ᵀ; left to autodiff, XLA:CPU laid the N×O gradient out transposed and
+    fused that transpose into the GELU backward, a strided copy that took a quarter of a LoRA
+    step. With narrow x and fp32 accumulation, see `_lora_delta_bwd_narrow` (benchmarks/RESULTS.md).
+
+    The output product, low·B, stays in x's dtype: its operands are small, and under remat="dots"
+    its (N, O) output is what the backward keeps (an fp32 output there planned +5.6 GiB per
+    device for the FLUX.1-dev LoRA gradient, batch 4)."""
+    return _lora_delta(x, a, b, float(scale), jnp.dtype(acc_dtype if acc_dtype is not None else x.dtype))
 
 
 def _product(p: jax.Array, q: jax.Array, p_axis: int, q_axis: int, out_dtype: Any) -> jax.Array:
@@ -230,18 +235,18 @@ def _product(p: jax.Array, q: jax.Array, p_axis: int, q_axis: int, out_dtype: An
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _lora_delta(x, a, b, scale, out_dtype):
-    return _lora_delta_fwd(x, a, b, scale, out_dtype)[0]
+def _lora_delta(x, a, b, scale, acc_dtype):
+    return _lora_delta_fwd(x, a, b, scale, acc_dtype)[0]
 
 
-def _lora_delta_fwd(x, a, b, scale, out_dtype):
-    low = _product(x, a, x.ndim - 1, 0, out_dtype).astype(x.dtype)
-    return _product(low, b, low.ndim - 1, 0, out_dtype) * jnp.asarray(scale, out_dtype), (x, a, b, low)
+def _lora_delta_fwd(x, a, b, scale, acc_dtype):
+    low = _product(x, a, x.ndim - 1, 0, acc_dtype).astype(x.dtype)
+    return _product(low, b, low.ndim - 1, 0, x.dtype) * jnp.asarray(scale, x.dtype), (x, a, b, low)
 
 
-def _lora_delta_bwd(scale, out_dtype, residuals, dy):
+def _lora_delta_bwd(scale, acc_dtype, residuals, dy):
     x, a, b, low = residuals
-    if jnp.dtype(x.dtype) != out_dtype:
+    if jnp.dtype(x.dtype) != acc_dtype:
         return _lora_delta_bwd_narrow(scale, residuals, dy)
     s = jnp.asarray(scale, dy.dtype)
     x2, dy2, low2 = (t.reshape(-1, t.shape[-1]) for t in (x, dy, low))  # tokens of all examples
@@ -262,13 +267,14 @@ def _lora_delta_bwd_narrow(scale, residuals, dy):
     dimensions, or laid out away, and the product upcast). dA is made as (r, K) and transposed
     behind an optimization barrier: XLA otherwise folds that transpose into the product by
     swapping its operands, a form its fallback dot cannot run in bf16 (an "Unsupported element
-    type for DotThunk" error at run time). One LoRA'd (1056, 2560) → 512 layer's branch,
-    forward and backward: 7.5 → 2.5 ms (benchmarks/RESULTS.md, sixteenth session)."""
+    type for DotThunk" error at run time). One LoRA'd layer's branch, forward and backward, bf16:
+    (1056, 2560) → 512 7.0 → 2.7 ms, (1056, 512) → 3584 4.3 → 3.6 ms (benchmarks/RESULTS.md,
+    sixteenth session)."""
     x, a, b, low = residuals
     f32, narrow = jnp.float32, x.dtype
     s = jnp.asarray(scale, f32)
     x2, low2 = x.reshape(-1, x.shape[-1]), low.reshape(-1, low.shape[-1])  # tokens of all examples
-    dy2 = dy.reshape(-1, dy.shape[-1]).astype(narrow)  # rounded once, as narrow_product's backward does
+    dy2 = dy.reshape(-1, dy.shape[-1])  # in x's dtype, as the output is
     dlow = (_product(dy2, b, 1, 1, f32) * s).astype(narrow)  # (N, r)
     dlow_t = (_product(b, dy2, 1, 1, f32) * s).astype(narrow)  # (r, N)
     low_t = _product(jnp.eye(low2.shape[1], dtype=narrow), low2, 1, 1, f32).astype(narrow)  # (r, N)
