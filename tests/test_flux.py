@@ -581,6 +581,33 @@ def test_remat_dots_saves_the_narrow_product(capsys):
     assert "f32[48,96]" not in capsys.readouterr().out
 
 
+def test_remat_dots_keeps_the_lora_output_narrow(capsys):
+    """Under remat="dots" the backward of a bf16 LoRA'd Dense on CPU keeps the branch's (N, O)
+    output to rebuild the layer's output; it must stay bf16 (an fp32 one planned +5.6 GiB per
+    device for the FLUX.1-dev LoRA gradient)."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from pico_jax.model.flux import _REMAT_POLICIES, Dense
+    from pico_jax.model.lora import add_lora
+
+    class One(nnx.Module):
+        def __init__(self):
+            self.proj = Dense(64, 96, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+
+    model = One()
+    add_lora(model, 4, targets=("proj",))
+    graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
+    x = jnp.ones((48, 64), jnp.bfloat16)
+
+    def f(lora):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, lora, base).proj(x).astype(jnp.float32)))
+
+    print_saved_residuals(jax.checkpoint(f, policy=_REMAT_POLICIES["dots"]), lora)
+    saved = capsys.readouterr().out
+    assert "bf16[48,96]" in saved, saved  # the branch's output, kept
+    assert saved.count("f32[48,96]") == 1, saved  # only the base product, by name
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_concatenate_columns_matches_jnp_and_skips_fp32(dtype):
     """concatenate_columns: jnp.concatenate's values and gradients; in bf16 the compiled program
