@@ -239,7 +239,7 @@ def _headwise_bwd(residuals, d_out):
         dlogits_t = probs_t * (dprobs_t - delta_h[:, None, :]) * scale
         dk = mm("bkq,bqd->bkd", dlogits_t, qh)
         dq_t = mm("bdk,bkq->bdq", kh_t, dlogits_t)
-        return dq_t, dk, dv
+        return dq_t.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
     heads_first = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, d_out))  # (H, B, N, D)
     k_t = jnp.transpose(k, (2, 0, 3, 1))  # (H, B, D, N)
