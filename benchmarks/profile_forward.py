@@ -16,6 +16,10 @@ same builder: forward, backward on rank-r LoRA factors, AdamW, as in bench_lora_
 Category times are sums over the traced runs divided by the number of runs; ops of one category
 can overlap on several cores, so shares are of the summed op time, and an op's time in the trace
 includes any wait for a core (an op timed alone can be much faster).
+
+bf16 runs also list the fp32 copies of narrow arrays in the compiled program and what reads them:
+an fp32 copy read by a matmul is a product XLA:CPU would not run in bf16 (the sixteenth session's
+LoRA and attention fixes were found this way; the per-op times had filed them under elementwise).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import sys
@@ -79,6 +84,46 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, set[str], str]]:
             inner = set().union(*(reach(c) for c in called)) if called else set()
             table[name] = (op, inner | {op}, shape)
     return table
+
+
+_PURE_CONVERSION = {"convert", "bitcast", "bitcast-convert", "transpose", "copy", "reshape", "slice", "dynamic-slice",
+                    "concatenate", "broadcast", "parameter", "constant", "fusion", "tuple", "get-tuple-element"}
+_OPERANDS = re.compile(r"%([\w.\-]+)")
+
+
+def fp32_copies(hlo_text: str, min_elements: int) -> list[tuple[str, str, list[str]]]:
+    """(name, result shape, the ops that read it) for every op that only converts narrow data to
+    an fp32 array of at least `min_elements`: XLA:CPU's upcast of a product it cannot run in
+    bf16 shows up as one of these feeding the product (benchmarks/RESULTS.md, sixteenth session)."""
+    table = hlo_ops(hlo_text)
+    readers: dict[str, list[str]] = collections.defaultdict(list)
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if m:
+            args = line[m.end():].split(")", 1)[0]
+            for operand in _OPERANDS.findall(args):
+                readers[operand].append(m.group(1))
+    out = []
+    for name, (op, reachable, shape) in table.items():
+        m = re.fullmatch(r"f32\[([\d,]+)\]", shape.split()[0]) if shape else None
+        # op == "fusion": XLA:CPU runs every top-level op as a fusion (a single op as wrapped_*);
+        # the plain ops inside fused computations are not separate passes over memory
+        if op != "fusion" or not m or "convert" not in reachable or not reachable <= _PURE_CONVERSION:
+            continue
+        if math.prod(int(d) for d in m.group(1).split(",")) >= min_elements:
+            out.append((name, shape, readers.get(name, [])))
+    return out
+
+
+def print_fp32_copies(hlo_text: str, min_elements: int) -> None:
+    table = hlo_ops(hlo_text)
+    copies = fp32_copies(hlo_text, min_elements)
+    print(f"\nfp32 copies of narrow arrays (at least {min_elements:,} elements), {len(copies)} found; one read by "
+          f"a matmul is a product XLA:CPU upcast, the rest is fp32 math (norms, softmax) or a normalised copy:")
+    for name, shape, readers in copies:
+        read = ", ".join(f"{r} ({categorize(*table[r]) if r in table else '?'}, {table[r][2] if r in table else '?'})"
+                         for r in readers[:3])
+        print(f"  {name:34s} {shape:22s} read by {read or 'nothing in its computation'}")
 
 
 def categorize(op: str, reachable: set[str], shape: str = "") -> str:
@@ -266,6 +311,8 @@ def profile_lora(args) -> None:
           f"{xla_flops / wall / peak:.0%} of the matmul rate")
     per_cat, per_op = op_breakdown(run, compiled.as_text(), args.runs, args.trace_dir)
     print_breakdown(per_cat, per_op, what="step", wall=wall, flops=xla_flops, peak=peak, top=args.top)
+    if args.dtype != "float32":
+        print_fp32_copies(compiled.as_text(), args.upcast_min)
 
 
 def profile_forward(args) -> None:
@@ -334,6 +381,8 @@ def profile_forward(args) -> None:
           f"(the headwise/fused attention that runs moves fewer bytes than this graph counts)")
     per_cat, per_op = op_breakdown(run, compiled.as_text(), args.runs, args.trace_dir)
     print_breakdown(per_cat, per_op, what="forward", wall=wall, flops=flops, peak=peak, top=args.top)
+    if args.dtype != "float32":
+        print_fp32_copies(compiled.as_text(), args.upcast_min)
 
 
 def main(argv=None):
@@ -348,6 +397,8 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--runs", type=int, default=3, help="traced runs (after one warm-up)")
     ap.add_argument("--top", type=int, default=12, help="slowest ops to list")
+    ap.add_argument("--upcast-min", type=int, default=500_000, metavar="N",
+                    help="bf16 runs: list fp32 copies of narrow arrays of at least N elements (default 500000)")
     ap.add_argument("--trace-dir", default=None, help="keep the profiler trace here (default: a temp dir)")
     ap.add_argument("--no-run", action="store_true", help="compile and print the cost analysis only (forward)")
     args = ap.parse_args(argv)

@@ -83,3 +83,30 @@ def test_profile_attributes_the_traced_time(program):
     assert len(re.findall(r"^ +[0-9.]+  \S+ +.+ -> ", out, re.MULTILINE)) == 3, out
     if program == "lora":
         assert "LoRA step" in out and _number(r"loss ([0-9.e+-]+)", out) > 0
+
+
+def test_fp32_copies_finds_an_upcast_product():
+    """profile_forward.fp32_copies: a bf16-output product (which XLA:CPU runs in fp32) shows up as
+    an fp32 copy of its operand read by a matmul; narrow_product's native form has none."""
+    import importlib.util
+
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the upcast is XLA:CPU's")
+    spec = importlib.util.spec_from_file_location("profile_forward", ROOT / "benchmarks" / "profile_forward.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    from pico_jax.model.flux import narrow_product
+
+    x, w = jnp.ones((256, 128), jnp.bfloat16), jnp.ones((128, 192), jnp.bfloat16)
+
+    def copies(fn):
+        hlo = jax.jit(fn).lower(x, w).compile().as_text()
+        table = prof.hlo_ops(hlo)
+        return [(n, s, [prof.categorize(*table[r]) for r in readers]) for n, s, readers in prof.fp32_copies(hlo, 10_000)]
+
+    upcast = copies(lambda x, w: jnp.dot(x, w))  # bf16 out
+    assert any(shape.startswith("f32[256,128]") and "matmul" in cats for _, shape, cats in upcast), upcast
+    assert copies(narrow_product) == []
