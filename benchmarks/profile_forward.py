@@ -91,11 +91,12 @@ _PURE_CONVERSION = {"convert", "bitcast", "bitcast-convert", "transpose", "copy"
 _OPERANDS = re.compile(r"%([\w.\-]+)")
 
 
-def fp32_copies(hlo_text: str, min_elements: int) -> list[tuple[str, str, list[str]]]:
+def fp32_copies(hlo_text: str, min_elements: int, table: dict | None = None) -> list[tuple[str, str, list[str]]]:
     """(name, result shape, the ops that read it) for every op that only converts narrow data to
     an fp32 array of at least `min_elements`: XLA:CPU's upcast of a product it cannot run in
-    bf16 shows up as one of these feeding the product (benchmarks/RESULTS.md, sixteenth session)."""
-    table = hlo_ops(hlo_text)
+    bf16 shows up as one of these feeding the product (benchmarks/RESULTS.md, sixteenth session).
+    `table` is hlo_ops(hlo_text) where the caller has it already."""
+    table = table if table is not None else hlo_ops(hlo_text)
     readers: dict[str, list[str]] = collections.defaultdict(list)
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
@@ -115,9 +116,8 @@ def fp32_copies(hlo_text: str, min_elements: int) -> list[tuple[str, str, list[s
     return out
 
 
-def print_fp32_copies(hlo_text: str, min_elements: int) -> None:
-    table = hlo_ops(hlo_text)
-    copies = fp32_copies(hlo_text, min_elements)
+def print_fp32_copies(hlo_text: str, table: dict, min_elements: int) -> None:
+    copies = fp32_copies(hlo_text, min_elements, table)
     print(f"\nfp32 copies of narrow arrays (at least {min_elements:,} elements), {len(copies)} found; one read by "
           f"a matmul is a product XLA:CPU upcast, the rest is fp32 math (norms, softmax) or a normalised copy:")
     for name, shape, readers in copies:
@@ -210,10 +210,9 @@ def cfg_param_bytes(cfg, dtype) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def op_breakdown(run, hlo_text: str, runs: int, trace_dir: str | None):
+def op_breakdown(run, table: dict, runs: int, trace_dir: str | None):
     """(category → µs per call, [(µs per call, op name, category, result shape)]) from a trace of
-    `runs` calls of `run`, every op attributed through the compiled program's HLO."""
-    table = hlo_ops(hlo_text)
+    `runs` calls of `run`, every op attributed through the compiled program's `hlo_ops` table."""
     with tempfile.TemporaryDirectory() as tmp:
         times = trace_op_times(run, runs, trace_dir or tmp)
     per_cat: dict[str, float] = collections.Counter()
@@ -309,10 +308,12 @@ def profile_lora(args) -> None:
     print(f"step: median {wall * 1e3:.1f} ms = {xla_flops / wall / 1e9:.1f} GFLOP/s (XLA's FLOPs of the autodiff "
           f"graph; the step as it runs recomputes attention probabilities in its backward) = "
           f"{xla_flops / wall / peak:.0%} of the matmul rate")
-    per_cat, per_op = op_breakdown(run, compiled.as_text(), args.runs, args.trace_dir)
+    hlo = compiled.as_text()
+    table = hlo_ops(hlo)
+    per_cat, per_op = op_breakdown(run, table, args.runs, args.trace_dir)
     print_breakdown(per_cat, per_op, what="step", wall=wall, flops=xla_flops, peak=peak, top=args.top)
     if args.dtype != "float32":
-        print_fp32_copies(compiled.as_text(), args.upcast_min)
+        print_fp32_copies(hlo, table, args.upcast_min)
 
 
 def profile_forward(args) -> None:
@@ -379,10 +380,12 @@ def profile_forward(args) -> None:
           f"{flops / wall / peak:.0%} of the matmul rate")
     print(f"roofline of the all-heads XLA graph: compute {t_compute * 1e3:.0f} ms, bytes {t_memory * 1e3:.0f} ms "
           f"(the headwise/fused attention that runs moves fewer bytes than this graph counts)")
-    per_cat, per_op = op_breakdown(run, compiled.as_text(), args.runs, args.trace_dir)
+    hlo = compiled.as_text()
+    table = hlo_ops(hlo)
+    per_cat, per_op = op_breakdown(run, table, args.runs, args.trace_dir)
     print_breakdown(per_cat, per_op, what="forward", wall=wall, flops=flops, peak=peak, top=args.top)
     if args.dtype != "float32":
-        print_fp32_copies(compiled.as_text(), args.upcast_min)
+        print_fp32_copies(hlo, table, args.upcast_min)
 
 
 def main(argv=None):

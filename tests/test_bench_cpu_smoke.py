@@ -105,7 +105,7 @@ def test_fp32_copies_finds_an_upcast_product():
     def copies(fn):
         hlo = jax.jit(fn).lower(x, w).compile().as_text()
         table = prof.hlo_ops(hlo)
-        return [(n, s, [prof.categorize(*table[r]) for r in readers]) for n, s, readers in prof.fp32_copies(hlo, 10_000)]
+        return [(n, s, [prof.categorize(*table[r]) for r in readers]) for n, s, readers in prof.fp32_copies(hlo, 10_000, table)]
 
     upcast = copies(lambda x, w: jnp.dot(x, w))  # bf16 out
     assert any(shape.startswith("f32[256,128]") and "matmul" in cats for _, shape, cats in upcast), upcast

@@ -61,7 +61,6 @@ def test_sharded_step_equals_single_device():
 
 
 def test_lora_step_changes_only_lora_params():
-    pytest.importorskip("pico_jax.model.lora", reason="LoRA module not present")
     cfg = micro(lora_rank=4, mesh="fsdp=8")
     tr = Trainer(cfg, "/tmp/unused", progress=False)
     frozen_before = _flat(tr.frozen)

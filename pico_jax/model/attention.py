@@ -245,7 +245,7 @@ def _headwise_bwd(residuals, d_out):
     k_t = jnp.transpose(k, (2, 0, 3, 1))  # (H, B, D, N)
     dq_t, dk, dv = jax.lax.map(one_head, (*heads_first, lse, jnp.moveaxis(delta, 2, 0), k_t))
     dq = jnp.transpose(dq_t, (0, 1, 3, 2))
-    return tuple(jnp.moveaxis(g, 0, 2).astype(x.dtype) for g, x in zip((dq, dk, dv), (q, k, v)))
+    return tuple(jnp.moveaxis(g, 0, 2) for g in (dq, dk, dv))  # already in the inputs' dtypes
 
 
 headwise_attention.defvjp(_headwise_fwd, _headwise_bwd)
