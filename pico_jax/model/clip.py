@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from pico_jax.model.flux import Dense, accumulation_dtype
 from pico_jax.model.t5 import ParamSource, activation, load_from_checkpoint, scan_layers, stack_layers
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, read_config
 
@@ -76,11 +78,11 @@ def _layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
 class CLIPAttention(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q = nnx.Linear(d, d, **kw)
-        self.k = nnx.Linear(d, d, **kw)
-        self.v = nnx.Linear(d, d, **kw)
-        self.out = nnx.Linear(d, d, **kw)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q = Dense(d, d, **kw)
+        self.k = Dense(d, d, **kw)
+        self.v = Dense(d, d, **kw)
+        self.out = Dense(d, d, **kw)
         self.num_heads = cfg.num_attention_heads
         self.head_dim = d // cfg.num_attention_heads
 
@@ -92,19 +94,20 @@ class CLIPAttention(nnx.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, self.num_heads * self.head_dim)
-        return self.out(out)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=accumulation_dtype(v.dtype))
+        return self.out(out.astype(v.dtype).reshape(b, n, self.num_heads * self.head_dim))
 
 
 class CLIPMLP(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, **kw)
         self.act_name = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(activation(self.act_name)(self.fc1(x)))
+        # The activation in fp32, rounded once (as torch computes a bf16 activation).
+        return self.fc2(activation(self.act_name)(self.fc1(x).astype(jnp.float32)).astype(x.dtype))
 
 
 class CLIPBlock(nnx.Module):
@@ -201,9 +204,15 @@ def abstract_clip_text_encoder(
 
 
 def load_clip_text_encoder(
-    path: str | os.PathLike, *, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None
+    path: str | os.PathLike,
+    *,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype | None = None,
+    place: Callable[[str, np.ndarray], jax.Array] | None = None,
 ) -> CLIPTextEncoder:
-    """Load a transformers `CLIPTextModel` checkpoint directory (keys with or without the `text_model.` prefix)."""
+    """Load a transformers `CLIPTextModel` checkpoint directory (keys with or without the `text_model.` prefix).
+
+    `place`: see `t5.load_from_checkpoint` (e.g. `pico_jax.parallel.param_placer(mesh)` to shard it)."""
     cfg = CLIPTextConfig.from_pretrained(path)
     reader = SafetensorsReader(path)
     # transformers 4.x saved CLIPTextModel under `text_model.`; 5.x saves without it.
@@ -220,6 +229,7 @@ def load_clip_text_encoder(
         reader,
         ignore=ignored,
         what="CLIP text checkpoint",
+        place=place,
     )
 
 

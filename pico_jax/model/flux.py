@@ -597,7 +597,7 @@ def scaled_time(t, dtype) -> jax.Array:
     return (jnp.asarray(t).astype(dtype) * jnp.asarray(1000, dtype)).astype(jnp.float32)
 
 
-def _scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 1):
+def scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 1):
     """lax.scan of `body(block, carry, x) -> (carry, y)` over a stacked module's layers."""
     graphdef, state = nnx.split(stacked)
     if remat != "none" and remat not in _REMAT_POLICIES:
@@ -838,14 +838,14 @@ class FluxTransformer(nnx.Module):
             img, txt, stats = block(img, txt, vec, cos, sin, hooks, f[0], f[1])
             return (img, txt), stats
 
-        (img, txt), d_stats = _scan_blocks(double_body, (img, txt), self.double_blocks, flags[: cfg.num_double], cfg.remat,
+        (img, txt), d_stats = scan_blocks(double_body, (img, txt), self.double_blocks, flags[: cfg.num_double], cfg.remat,
                                           cfg.scan_unroll)
 
         def single_body(block, x, f):
             return block(x, vec, cos, sin, hooks, f[0], f[1])
 
         n_txt = txt.shape[1]
-        x, s_stats = _scan_blocks(
+        x, s_stats = scan_blocks(
             single_body, jnp.concatenate([txt, img], 1), self.single_blocks, flags[cfg.num_double :], cfg.remat,
             cfg.scan_unroll,
         )

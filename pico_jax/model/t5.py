@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pico_jax.model.flux import Dense, accumulation_dtype, scan_blocks
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, check_keys, check_shape, read_config
 
 Dtype = Any
@@ -70,15 +71,11 @@ def stack_layers(make: Callable[[nnx.Rngs], M], num_layers: int, rngs: nnx.Rngs)
 def scan_layers(stack: nnx.Module, x: jax.Array, *args: Any) -> jax.Array:
     """Run `x = layer(x, *args)` for each layer of a stacked module with `jax.lax.scan`.
 
-    The stacked state is split off and sliced by scan; each step rebuilds the layer from the
-    graph definition, so the program holds a single layer body whatever the depth.
+    FLUX's `scan_blocks` does the scanning, so the text encoders get its CPU handling of bf16 stacks
+    too: without it XLA:CPU converted every whole weight stack to fp32 on each call (`take_layer`
+    says why). The program holds a single layer body whatever the depth.
     """
-    graphdef, state = nnx.split(stack)
-
-    def body(h: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
-        return nnx.merge(graphdef, layer_state)(h, *args), None
-
-    out, _ = jax.lax.scan(body, x, state)
+    out, _ = scan_blocks(lambda layer, h, _: (layer(h, *args), None), x, stack, None, remat="none")
     return out
 
 
@@ -88,7 +85,7 @@ class ParamSource:
 
     `keys` has one entry for an ordinary parameter and one per layer for a stacked one
     (stacked along a new leading axis). `transpose` turns torch's (out, in) Linear weight
-    into the (in, out) kernel of `nnx.Linear`.
+    into the (in, out) kernel of a `Dense` / `nnx.Linear`.
     """
 
     keys: tuple[str, ...]
@@ -109,14 +106,18 @@ def load_from_checkpoint(
     ignore: Callable[[str], bool] = lambda k: False,
     aliases: Mapping[str, str] | None = None,
     what: str = "checkpoint",
+    place: Callable[[str, np.ndarray], jax.Array] | None = None,
 ) -> M:
     """Fill an abstract model (from `nnx.eval_shape`) with tensors from a checkpoint, one tensor at a time.
 
     Every key the plan names must be in the checkpoint and every checkpoint key must be used,
     except those `ignore` accepts. `aliases` maps a plan key to another name to read when the
     plan key is absent (e.g. a tied embedding saved under its second name). All shapes are checked
-    before any tensor data is read, so a mismatched checkpoint fails fast.
+    before any tensor data is read, so a mismatched checkpoint fails fast. `place(dotted_name,
+    array)` puts each parameter on devices (default: `jnp.asarray`, the default device);
+    `pico_jax.parallel.param_placer(mesh)` shards it by the mesh rules as it is read.
     """
+    place = place or (lambda _name, a: jnp.asarray(a))
     aliases = dict(aliases or {})
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
@@ -157,7 +158,7 @@ def load_from_checkpoint(
             else:
                 out[...] = t
             del t
-        var.set_value(jnp.asarray(out))
+        var.set_value(place(".".join(str(p) for p in path), out))
         del out
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -256,8 +257,11 @@ class T5LayerNorm(nnx.Module):
         return (self.weight[...].astype(jnp.float32) * x).astype(self.dtype)
 
 
-def _linear(din: int, dout: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+def _linear(din: int, dout: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, bias: bool = False) -> Dense:
+    # FLUX's Dense, not nnx.Linear: in bf16 on CPU its product accumulates in fp32, the form XLA:CPU
+    # runs natively; nnx.Linear's bf16-output product is rewritten to fp32 with the weights
+    # converted on every call (benchmarks/RESULTS.md, seventeenth session: 0.53x transformers).
+    return Dense(din, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=bias)
 
 
 class T5Attention(nnx.Module):
@@ -280,8 +284,8 @@ class T5Attention(nnx.Module):
         if mask is not None:
             scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, self.num_heads * self.head_dim)
-        return self.o(out)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=accumulation_dtype(v.dtype))
+        return self.o(out.astype(v.dtype).reshape(b, n, self.num_heads * self.head_dim))
 
 
 class T5GatedFeedForward(nnx.Module):
@@ -293,7 +297,10 @@ class T5GatedFeedForward(nnx.Module):
         self.act_name = cfg.dense_act_fn
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.wo(activation(self.act_name)(self.wi_0(x)) * self.wi_1(x))
+        # The activation in fp32, rounded once, as torch's bf16 GELU kernel does (and XLA:CPU would
+        # otherwise rewrite each bf16 step of it to fp32 ops).
+        gate = activation(self.act_name)(self.wi_0(x).astype(jnp.float32)).astype(x.dtype)
+        return self.wo(gate * self.wi_1(x))
 
 
 class T5Block(nnx.Module):
@@ -385,9 +392,15 @@ def _t5_ignored(key: str) -> bool:
 
 
 def load_t5_encoder(
-    path: str | os.PathLike, *, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None
+    path: str | os.PathLike,
+    *,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype | None = None,
+    place: Callable[[str, np.ndarray], jax.Array] | None = None,
 ) -> T5Encoder:
-    """Load a transformers T5 (v1.1) encoder checkpoint directory (`config.json` + safetensors, sharded or not)."""
+    """Load a transformers T5 (v1.1) encoder checkpoint directory (`config.json` + safetensors, sharded or not).
+
+    `place`: see `load_from_checkpoint` (e.g. `pico_jax.parallel.param_placer(mesh)` to shard it)."""
     cfg = T5Config.from_pretrained(path)
     reader = SafetensorsReader(path)
     return load_from_checkpoint(
@@ -398,6 +411,7 @@ def load_t5_encoder(
         # Tied weights may be saved only under the encoder's name.
         aliases={"shared.weight": "encoder.embed_tokens.weight"},
         what="T5 encoder checkpoint",
+        place=place,
     )
 
 
