@@ -28,16 +28,19 @@ LOGICAL_TO_MESH: dict[str, str | None] = {
     "embed": "fsdp",
     "mlp": "tensor",
     "lora": None,
+    "vocab": "tensor",
 }
 
 # Parameter path (dotted, without the leading layer axis) → logical axes of its trailing dims.
-# The first rule that matches wins. Kernels are (in, out).
-_DOWN = r"(proj|mlp_out|linear2|final_proj|out_layer)"
+# The first rule that matches wins. Kernels are (in, out). The rules cover FLUX and the T5 / CLIP
+# text encoders (their down projections: T5's o and wo, CLIP's out and fc2).
+_DOWN = r"(proj|mlp_out|linear2|final_proj|out_layer|o|wo|out|fc2)"
 PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"\.lora_a$", ("embed", "lora")),
     (r"\.lora_b$", ("lora", "mlp")),
     (rf"(^|\.){_DOWN}\.kernel$", ("mlp", "embed")),
     (r"\.kernel$", ("embed", "mlp")),
+    (r"^token_embedding\.embedding$", ("vocab", "embed")),  # T5-XXL's is 32128 x 4096
     (r"\.bias$", (None,)),
     (r"\.scale$", (None,)),
     (r".*", ()),  # anything else: replicated
@@ -103,8 +106,12 @@ def logical_axes(name: str, ndim: int, stacked: bool) -> tuple[str | None, ...]:
     return axes
 
 
+# Modules whose parameters carry a leading layer axis (scanned stacks): FLUX's and the text encoders'.
+STACKED_PREFIXES = ("double_blocks.", "single_blocks.", "blocks.")
+
+
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-    stacked = name.startswith(("double_blocks.", "single_blocks."))
+    stacked = name.startswith(STACKED_PREFIXES)
     axes = logical_axes(name, len(shape), stacked)
     out = []
     for dim, logical in zip(shape, axes):
@@ -120,7 +127,8 @@ def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh) -> NamedShardi
 
 
 def param_placer(mesh: Mesh):
-    """For `load_flux_transformer(place=...)`: put each parameter straight onto its shards."""
+    """For the loaders' `place=` (`load_flux_transformer`, `load_t5_encoder`, `load_clip_text_encoder`):
+    put each parameter straight onto its shards, so no device ever holds the whole model."""
 
     def place(name: str, array: np.ndarray) -> jax.Array:
         return jax.device_put(array, param_sharding(name, array.shape, mesh))

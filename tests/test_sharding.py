@@ -71,6 +71,24 @@ def test_rules_shard_the_big_matrices():
     assert spec_for("single_blocks.q_norm.scale", (38, 128), mesh) == jax.P(None, None)
 
 
+def test_t5_xxl_and_clip_l_compile_sharded_on_8_devices():
+    """The text encoders at full size shard by the same rules: each device holds about 1/8 of T5-XXL."""
+    from pico_jax.model.clip import CLIPTextConfig, abstract_clip_text_encoder
+    from pico_jax.model.t5 import T5Config, abstract_t5_encoder, param_count
+
+    mesh = make_mesh("fsdp=4,tensor=2")
+    for model, length in ((abstract_t5_encoder(T5Config(), dtype=jnp.bfloat16), 512),
+                          (abstract_clip_text_encoder(CLIPTextConfig(), dtype=jnp.bfloat16), 77)):
+        graphdef, state = nnx.split(model)
+        fwd = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids),
+                      in_shardings=(state_shardings(state, mesh), replicated(mesh)))
+        compiled = fwd.lower(state, S((8, length), jnp.int32)).compile()
+        per_device = compiled.memory_analysis().argument_size_in_bytes
+        total = sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(state))
+        assert total >= 2 * param_count(model) - 1e6  # bf16 weights (norms and T5's bias table are fp32)
+        assert total / 8 <= per_device < total / 8 * 1.05, (type(model).__name__, per_device, total)
+
+
 def test_mesh_spec_parsing_and_errors():
     assert parse_mesh_spec("data=2,fsdp=4", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
     assert parse_mesh_spec("data=2", 8) == {"data": 2, "fsdp": 4, "tensor": 1}

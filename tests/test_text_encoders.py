@@ -298,6 +298,39 @@ def test_load_text_encoders_matches_flux_pipeline(t5_ckpt, clip_ckpt):
     assert e16 < BF16_TOL
 
 
+def test_text_encoders_sharded_over_a_mesh_match_unsharded(t5_ckpt, clip_ckpt):
+    """load_text_encoders(mesh=...) puts each parameter on its shards (FSDP over d_model, tensor
+    parallel over the MLP / head width) and encode() returns the unsharded values, replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    from pico_jax.parallel import make_mesh
+
+    (t5_dir, _), (clip_dir, _) = t5_ckpt, clip_ckpt
+    mesh = make_mesh("fsdp=4,tensor=2", jax.devices()[:8])
+    plain = load_text_encoders(t5_dir, clip_dir, dtype=jnp.float32, t5_max_length=16)
+    sharded = load_text_encoders(t5_dir, clip_dir, dtype=jnp.float32, t5_max_length=16, mesh=mesh)
+
+    def spec(param) -> P:
+        return param[...].sharding.spec
+
+    t5, clip = sharded.t5, sharded.clip
+    assert spec(t5.blocks.attn.q.kernel) == P(None, "fsdp", "tensor")  # (layers, d_model, inner)
+    assert spec(t5.blocks.attn.o.kernel) == P(None, "tensor", "fsdp")  # the down projections
+    assert spec(t5.blocks.ffn.wo.kernel) == P(None, "tensor", "fsdp")
+    assert spec(t5.token_embedding.embedding) == P("tensor", "fsdp")  # (vocab, d_model)
+    assert spec(clip.blocks.attn.out.kernel) == P(None, "tensor", "fsdp")
+    assert spec(clip.blocks.mlp.fc1.kernel) == P(None, "fsdp", "tensor")
+    # each device really holds an eighth of a kernel (layers, 32 / 4, 48 / 2)
+    shards = t5.blocks.ffn.wi_0.kernel[...].addressable_shards
+    assert len(shards) == 8 and {sh.data.shape for sh in shards} == {(T5_TINY["num_layers"], 8, 24)}
+
+    want, got = plain.encode(PROMPTS), sharded.encode(PROMPTS)
+    for name in ("prompt_embeds", "pooled_prompt_embeds"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.sharding.is_fully_replicated and len(a.sharding.device_set) == 8, name
+        assert rel_err(a, b) < 1e-6, name  # the same sums, split across devices
+
+
 def test_bf16_text_encoders_convert_no_weight_stack_to_fp32():
     """On CPU the encoders' bf16 layers run through FLUX's scan and Dense, so XLA converts no weight
     stack to fp32 on each call (nnx.Linear and a plain scan did: 0.53x transformers' bf16 T5)."""

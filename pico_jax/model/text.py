@@ -27,9 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from pico_jax.model.clip import CLIPTextEncoder, load_clip_text_encoder
 from pico_jax.model.t5 import T5Encoder, load_t5_encoder
+from pico_jax.parallel import param_placer, replicated, shard_state
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, read_config, save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
@@ -172,18 +174,33 @@ class TextEmbeddings:
     text_ids: jax.Array  # (L, 3) zeros: FLUX's rotary position ids of the text tokens
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _run_t5(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state)(ids)  # no attention mask: FluxPipeline passes none to T5
+def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _run_clip_pooled(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state)(ids)[1]
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _run_t5(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, out_sharding: Any = None) -> jax.Array:
+    # No attention mask: FluxPipeline passes none to T5.
+    return _constrain(nnx.merge(graphdef, state)(ids), out_sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _run_clip_pooled(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, out_sharding: Any = None) -> jax.Array:
+    return _constrain(nnx.merge(graphdef, state)(ids)[1], out_sharding)
+
+
+def _on_mesh(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, shard_state(state, mesh))
 
 
 class TextEncoders:
-    """T5 + CLIP text encoders with their tokenizers; `encode` gives FluxPipeline's conditioning."""
+    """T5 + CLIP text encoders with their tokenizers; `encode` gives FluxPipeline's conditioning.
+
+    With `mesh`, both encoders' parameters are sharded over it by `pico_jax.parallel`'s rules (T5-XXL
+    is 9.5 GB in bf16; each of N devices then holds about 1/N of it) and `encode` returns embeddings
+    replicated on the mesh, readable on every host. The values are those of the unsharded encoders.
+    """
 
     def __init__(
         self,
@@ -195,6 +212,7 @@ class TextEncoders:
         t5_max_length: int = MAX_T5_LENGTH,
         clip_max_length: int = CLIP_MAX_LENGTH,
         identity: str = "",
+        mesh: Mesh | None = None,
     ):
         if not 0 < t5_max_length <= MAX_T5_LENGTH:
             raise ValueError(
@@ -209,6 +227,10 @@ class TextEncoders:
         self.t5_tokenizer, self.clip_tokenizer = t5_tokenizer, clip_tokenizer
         self.t5_max_length, self.clip_max_length = t5_max_length, clip_max_length
         self.identity = identity
+        self.mesh = mesh
+        if mesh is not None:  # a no-op for parameters a loader already placed on it
+            t5, clip = _on_mesh(t5, mesh), _on_mesh(clip, mesh)
+            self.t5, self.clip = t5, clip
         self._t5_split = nnx.split(t5)
         self._clip_split = nnx.split(clip)
 
@@ -229,8 +251,13 @@ class TextEncoders:
         if not prompts:
             raise ValueError("encode() needs at least one prompt")
         t5_ids, clip_ids = self.tokenize(prompts)
-        embeds = _run_t5(*self._t5_split, jnp.asarray(t5_ids))
-        pooled = _run_clip_pooled(*self._clip_split, jnp.asarray(clip_ids))
+        if self.mesh is None:
+            embeds = _run_t5(*self._t5_split, jnp.asarray(t5_ids))
+            pooled = _run_clip_pooled(*self._clip_split, jnp.asarray(clip_ids))
+        else:  # every host holds the same token ids; the result is replicated, so every host can read it
+            on_mesh = replicated(self.mesh)
+            embeds = _run_t5(*self._t5_split, jax.device_put(t5_ids, on_mesh), on_mesh)
+            pooled = _run_clip_pooled(*self._clip_split, jax.device_put(clip_ids, on_mesh), on_mesh)
         return TextEmbeddings(embeds, pooled, jnp.zeros((t5_ids.shape[1], 3), embeds.dtype))
 
 
@@ -241,19 +268,24 @@ def load_text_encoders(
     t5_max_length: int = MAX_T5_LENGTH,
     *,
     clip_max_length: int = CLIP_MAX_LENGTH,
+    mesh: Mesh | None = None,
 ) -> TextEncoders:
-    """Load T5 + CLIP from HF checkpoint dirs (tokenizer in the dir, its `tokenizer/`, or diffusers' sibling)."""
+    """Load T5 + CLIP from HF checkpoint dirs (tokenizer in the dir, its `tokenizer/`, or diffusers' sibling).
+
+    With `mesh` every parameter goes straight onto its shards as it is read (see `TextEncoders`)."""
     # Tokenizers first: a missing tokenizer should fail before minutes of weight loading.
     t5_tok, clip_tok = load_tokenizer(t5_path), load_tokenizer(clip_path)
     identity = encoder_identity(t5_path, clip_path, dtype, clip_max_length=clip_max_length)
+    place = None if mesh is None else param_placer(mesh)
     return TextEncoders(
-        load_t5_encoder(t5_path, dtype=dtype),
-        load_clip_text_encoder(clip_path, dtype=dtype),
+        load_t5_encoder(t5_path, dtype=dtype, place=place),
+        load_clip_text_encoder(clip_path, dtype=dtype, place=place),
         t5_tok,
         clip_tok,
         t5_max_length=t5_max_length,
         clip_max_length=clip_max_length,
         identity=identity,
+        mesh=mesh,
     )
 
 
@@ -266,6 +298,7 @@ class TextEncoderLoader:
     dtype: Dtype = jnp.bfloat16
     t5_max_length: int = MAX_T5_LENGTH
     clip_max_length: int = CLIP_MAX_LENGTH
+    mesh: Mesh | None = None  # shard the encoders over it (the embeddings, and so the cache, are the same)
 
     @functools.cached_property
     def identity(self) -> str:
@@ -273,7 +306,8 @@ class TextEncoderLoader:
 
     def __call__(self) -> TextEncoders:
         return load_text_encoders(
-            self.t5_path, self.clip_path, self.dtype, self.t5_max_length, clip_max_length=self.clip_max_length
+            self.t5_path, self.clip_path, self.dtype, self.t5_max_length,
+            clip_max_length=self.clip_max_length, mesh=self.mesh,
         )
 
 
