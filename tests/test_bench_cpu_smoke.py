@@ -110,3 +110,23 @@ def test_fp32_copies_finds_an_upcast_product():
     upcast = copies(lambda x, w: jnp.dot(x, w))  # bf16 out
     assert any(shape.startswith("f32[256,128]") and "matmul" in cats for _, shape, cats in upcast), upcast
     assert copies(narrow_product) == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_text_encoders_runs_and_models_agree(dtype):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_text_encoders.py"), "--d-model", "64",
+                           "--d-ff", "96", "--heads", "4", "--d-kv", "16", "--layers", "2", "--vocab", "128",
+                           "--length", "16", "--repeat", "1", "--dtype", dtype],
+                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    out = proc.stdout
+    assert f"16 tokens, batch 1, {dtype};" in out
+    assert _number(r"speed-up \(transformers / ours\): ([0-9.]+)x", out) > 0
+    assert _number(r"/ max \|transformers\| = ([0-9.e+-]+)", out) < (1e-5 if dtype == "float32" else 3e-2)
+
+
+def test_bench_text_encoders_rejects_bad_sizes():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_text_encoders.py"), "--layers", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--layers must be at least 1 (got 0)" in proc.stderr
