@@ -267,7 +267,8 @@ def _lora_delta_bwd_narrow(scale, residuals, dy):
     dimensions, or laid out away, and the product upcast). dA is made as (r, K) and transposed
     behind an optimization barrier: XLA otherwise folds that transpose into the product by
     swapping its operands, a form its fallback dot cannot run in bf16 (an "Unsupported element
-    type for DotThunk" error at run time). One LoRA'd layer's branch, forward and backward, bf16:
+    type for DotThunk" error at run time; scripts/repro_xla_cpu_bf16_transposed_dot.py shows it in a
+    few lines and says when a jax release fixes it). One LoRA'd layer's branch, forward and backward, bf16:
     (1056, 2560) → 512 7.0 → 2.7 ms, (1056, 512) → 3584 4.3 → 3.6 ms (benchmarks/RESULTS.md,
     sixteenth session)."""
     x, a, b, low = residuals
