@@ -118,8 +118,13 @@ def checkpoint_fingerprint(path: str | os.PathLike | None = None) -> str:
     return h.hexdigest()
 
 
-def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_size: int = 4, **plan_overrides):
-    """Load a pico checkpoint directory into a Pipeline (None: the bundled pico-tiny)."""
+def load_pico(
+    path: str | os.PathLike | None = None, dtype: Any = None, batch_size: int = 4, mesh: Any = None, **plan_overrides
+):
+    """Load a pico checkpoint directory into a Pipeline (None: the bundled pico-tiny).
+
+    mesh: a `jax.sharding.Mesh` (`pico_jax.parallel.make_mesh`) to run on several devices; the
+    transformer's parameters go straight onto their shards as they are read."""
     from pico_jax.convert import load_flux_transformer
     from pico_jax.pipeline import Pipeline
 
@@ -157,12 +162,17 @@ def load_pico(path: str | os.PathLike | None = None, dtype: Any = None, batch_si
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{meta_path}: invalid pico.json ({type(e).__name__}: {e})") from e
     plan = plan.override(**plan_overrides)  # a bad override: ValueError, as before
-    transformer = load_flux_transformer(root / meta.get("transformer", "transformer"), dtype=dtype)
+    place = None
+    if mesh is not None:
+        from pico_jax.parallel import param_placer
+
+        place = param_placer(mesh)
+    transformer = load_flux_transformer(root / meta.get("transformer", "transformer"), dtype=dtype, place=place)
     try:
         ae = build_autoencoder(meta["autoencoder"], root, dtype)
         text = _text(meta.get("text", {"kind": "zeros"}), root, transformer.config)
         return Pipeline(transformer, ae, text, panel=panel, policy=meta.get("policy", "pad"),
-                        plan=plan, batch_size=batch_size, query_hint=query_hint, prediction=prediction)
+                        plan=plan, batch_size=batch_size, query_hint=query_hint, prediction=prediction, mesh=mesh)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as e:  # e.g. autoencoder without 'factor', channel mismatch

@@ -50,6 +50,9 @@ examples:
   #   {"exemplar": "a.png", "exemplar_out": "a_out.png", "query": "b.png", "name": "b1"}
   python infer.py --manifest triples.jsonl --out out/ --batch-size 16
 
+  # the same on 8 GPUs: each batch of 16 split 2 queries per device
+  python infer.py --manifest triples.jsonl --out out/ --batch-size 16 --mesh data=8
+
 Images may be PNG/JPEG/... of any size; grayscale, RGBA (composited on white) and 16-bit
 images are converted. Each is fitted into a square panel without distortion (letterbox) and
 B' is returned at B's original size.
@@ -85,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds run together while scoring (default: 1 on CPU, all on GPU/TPU); same results, "
                         "only speed and memory change")
     p.add_argument("--batch-size", type=int, default=4, help="queries per compiled batch (default 4)")
+    p.add_argument("--mesh", metavar="SPEC",
+                   help="run on several devices: axis=size over data, fsdp, tensor, e.g. 'data=8' (8 GPUs, each "
+                        "painting its share of every batch) or 'fsdp=4,tensor=2' (the model split 8 ways, for one "
+                        "too big for a device); axes left out absorb the remaining devices. --batch-size must be a "
+                        "multiple of data x fsdp. Results are the same as on one device. Default: one device")
     p.add_argument("--save-candidates", action="store_true", help="also write OUT/<query>_cand<i>.png for the kept seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile-cache", metavar="DIR", help=COMPILE_CACHE_HELP)
@@ -234,10 +242,24 @@ def main(argv=None) -> int:
     from pico_jax.safetensors_io import CheckpointError
     from pico_jax.scorer import scorer_from_name
 
+    mesh = None
+    if args.mesh:
+        from pico_jax.parallel import MeshError, make_mesh
+
+        try:
+            mesh = make_mesh(args.mesh)
+        except MeshError as e:
+            print(f"infer.py: error: {e}", file=sys.stderr)
+            return 2
+        if args.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):  # before minutes of loading
+            print(f"infer.py: error: --batch-size {args.batch_size} must be a multiple of the mesh's data x fsdp = "
+                  f"{mesh.shape['data'] * mesh.shape['fsdp']} (--mesh {args.mesh} is {dict(mesh.shape)})",
+                  file=sys.stderr)
+            return 2
     try:
         from pico_jax.checkpoints import load_pico
 
-        pipe = load_pico(args.checkpoint, batch_size=args.batch_size)
+        pipe = load_pico(args.checkpoint, batch_size=args.batch_size, mesh=mesh)
     except CheckpointError as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2

@@ -126,12 +126,19 @@ def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh) -> NamedShardi
     return NamedSharding(mesh, spec_for(name, shape, mesh))
 
 
+def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole, as a global jax.Array with `sharding`: each
+    process puts only the shards of its own devices (so it works on one host and on many)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def param_placer(mesh: Mesh):
     """For the loaders' `place=` (`load_flux_transformer`, `load_t5_encoder`, `load_clip_text_encoder`):
     put each parameter straight onto its shards, so no device ever holds the whole model."""
 
     def place(name: str, array: np.ndarray) -> jax.Array:
-        return jax.device_put(array, param_sharding(name, array.shape, mesh))
+        return global_array(array, param_sharding(name, array.shape, mesh))
 
     return place
 

@@ -34,11 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from pico_jax import grid
 from pico_jax.flow import PREDICTIONS, euler_sample, flux_mu, flux_schedule, velocity_from_output
 from pico_jax.model.attention import AttentionHooks
 from pico_jax.model.flux import FluxTransformer
+from pico_jax.parallel import batch_sharding, global_array, replicated, shard_state
 from pico_jax.scorer import ScorerConfig, choose, consensus_scores, score_from_group_mass
 
 
@@ -340,6 +342,19 @@ def sample(
 
 
 # ------------------------------------------------------------------------------- the pipeline
+def _place_on_mesh(transformer: FluxTransformer, autoencoder, text: TextConditioning, mesh: Mesh):
+    """The transformer sharded by `pico_jax.parallel`'s rules (a no-op for parameters a loader already
+    placed with `param_placer`); the autoencoder and the text conditioning replicated on the mesh."""
+    graphdef, state = nnx.split(transformer)
+    transformer = nnx.merge(graphdef, shard_state(state, mesh))
+    everywhere = replicated(mesh)
+    ae_graphdef, ae_state = nnx.split(autoencoder)
+    autoencoder = nnx.merge(ae_graphdef, jax.tree.map(lambda x: global_array(np.asarray(x), everywhere), ae_state))
+    text = TextConditioning(*(global_array(np.asarray(x), everywhere) for x in text))
+    return transformer, autoencoder, text
+
+
+
 @dataclasses.dataclass
 class Result:
     """One query's output."""
@@ -358,6 +373,11 @@ class Pipeline:
 
     Holds a FLUX(-Fill-style) transformer, an autoencoder, a text conditioning and the canvas
     settings; compiles one function per (batch size, plan) and reuses it.
+
+    With `mesh` (`pico_jax.parallel.make_mesh`), the transformer is sharded over it by the same
+    rules as training (FSDP over 'fsdp', tensor parallel over 'tensor': FLUX.1-dev need not fit
+    on one device) and each batch of queries is split over 'data' x 'fsdp'; the results are the
+    same as on one device.
     """
 
     def __init__(
@@ -371,7 +391,18 @@ class Pipeline:
         batch_size: int = 4,
         query_hint: bool = False,
         prediction: str = "velocity",
+        mesh: Mesh | None = None,
     ):
+        if mesh is not None:
+            dp = mesh.shape["data"] * mesh.shape["fsdp"]
+            if batch_size % dp:
+                raise ValueError(
+                    f"batch_size {batch_size} (--batch-size) must be a multiple of the mesh's data x fsdp = {dp} "
+                    f"(mesh {dict(mesh.shape)}): each of those devices takes an equal share of the queries; "
+                    f"shard the model over 'tensor' instead to run fewer queries at once"
+                )
+            transformer, autoencoder, text = _place_on_mesh(transformer, autoencoder, text, mesh)
+        self.mesh = mesh
         self.transformer, self.autoencoder, self.text = transformer, autoencoder, text
         self.layout = CanvasLayout(panel, autoencoder.downsample_factor, query_hint, prediction)
         expected = fill_in_channels(autoencoder)
@@ -384,6 +415,7 @@ class Pipeline:
         self.policy, self.plan, self.batch_size = policy, plan.validate(), batch_size
         self.plan.scorer.layer_list(transformer.config.num_layers)  # scorer layers in range, now rather than at trace time
         self._graphdef, self._state = nnx.split(transformer)
+        self._ae_graphdef, self._ae_state = nnx.split(autoencoder)
         self._compiled: dict[Any, Any] = {}
 
     # --- loading ---------------------------------------------------------------------------
@@ -399,17 +431,18 @@ class Pipeline:
         plan = dataclasses.replace(plan, ensemble=None)  # ensembling happens on the host: same program
         key = plan
         if key not in self._compiled:
-            graphdef, layout, ae = self._graphdef, self.layout, self.autoencoder
+            graphdef, ae_graphdef, layout = self._graphdef, self._ae_graphdef, self.layout
 
-            @jax.jit
-            def run(state, canvas, text, seeds):
-                model = nnx.merge(graphdef, state)
+            def run(state, ae_state, canvas, text, seeds):
+                model, ae = nnx.merge(graphdef, state), nnx.merge(ae_graphdef, ae_state)
                 cond, known = fill_condition(ae, canvas, layout)
                 s = sample(model, cond.astype(model.dtype), known.astype(model.dtype), text, seeds, layout, plan)
                 images = jax.vmap(lambda t: decode_tokens(ae, t, layout))(s.tokens)
                 return images, s.chosen, s.scores
 
-            self._compiled[key] = run
+            # On a mesh the results come back replicated: small, and readable on every host.
+            out = None if self.mesh is None else replicated(self.mesh)
+            self._compiled[key] = jax.jit(run, out_shardings=out)
         return self._compiled[key]
 
     def canvases(self, exemplar, exemplar_out, queries: Sequence[Any]) -> list[grid.Canvas]:
@@ -447,12 +480,20 @@ class Pipeline:
             pad = self.batch_size - len(chunk)  # keep one compiled shape for every batch
             if pad:
                 batch = np.concatenate([batch, np.repeat(batch[-1:], pad, 0)])
-            images, chosen, scores = jax.device_get(fn(self._state, jnp.asarray(batch), self.text, jnp.asarray(seeds)))
+            images, chosen, scores = jax.device_get(fn(self._state, self._ae_state, *self._inputs(batch, seeds)))
             for i, c in enumerate(chunk):
                 results.append(self._result(c, images[:, i], chosen[:, i], scores[:, i], seeds, plan.ensemble))
             if progress is not None:
                 progress(len(chunk))
         return results
+
+    def _inputs(self, batch: np.ndarray, seeds: np.ndarray) -> tuple[jax.Array, TextConditioning, jax.Array]:
+        """(canvases, text, seeds) as the compiled function takes them: on a mesh, the canvases
+        split over its data x fsdp devices and the seeds replicated; every host holds the whole batch."""
+        if self.mesh is None:
+            return jnp.asarray(batch), self.text, jnp.asarray(seeds)
+        return (global_array(batch, batch_sharding(self.mesh, batch.ndim)), self.text,
+                global_array(seeds, replicated(self.mesh)))
 
     def _result(self, canvas: grid.Canvas, images, chosen, scores, seeds, ensemble: str | None = None) -> Result:
         painted = np.clip((images + 1.0) / 2.0, 0.0, 1.0)  # (m, 2P, 2P, 3)

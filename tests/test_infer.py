@@ -159,13 +159,17 @@ def _bad_inputs(tmp_path, imgs, checkpoint):
         "manifest and query": (ck + ["--manifest", str(t / "nokey.jsonl"), "--query", imgs["b"]], ["--manifest"]),
         "no query": (ck + ex, ["--query"]),
         "not a checkpoint": (["--checkpoint", str(t / "not_pico")] + ex + ["--query", imgs["b"]], ["not_pico", "pico"]),
+        "bad mesh": (ck + ex + ["--query", imgs["b"], "--mesh", "dp=2"], ["--mesh", "'dp=2'"]),
+        "mesh too big": (ck + ex + ["--query", imgs["b"], "--mesh", "data=3"], ["data", "does not divide"]),
+        "batch vs mesh": (ck + ex + ["--query", imgs["b"], "--mesh", "data=8", "--batch-size", "4"],
+                          ["--batch-size 4", "data x fsdp = 8", "--mesh data=8"]),
     }
 
 
 CASES = ["missing image", "missing exemplar", "non-image", "empty file", "bad json line", "missing key",
          "not an object", "missing manifest", "path in name", "seeds 0", "negative seed", "keep > seeds", "score steps > steps", "unknown scorer",
          "ensemble of one",
-         "manifest and query", "no query", "not a checkpoint"]
+         "manifest and query", "no query", "not a checkpoint", "bad mesh", "mesh too big", "batch vs mesh"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -293,3 +297,21 @@ def test_consensus_scorer_flag(tmp_path, imgs, checkpoint, capsys):
     assert report["plan"]["scorer"]["signal"] == "consensus"
     q = report["queries"]["b"]
     assert all(s <= 0 for s in q["scores"]) and q["chosen_seed"] == q["seeds"][int(np.argmax(q["scores"]))]
+
+
+def test_mesh_flag_paints_what_one_device_paints(tmp_path, imgs, checkpoint, capsys):
+    """--mesh data=2 --batch-size 2: two queries, one per device; the same PNGs and seeds as one device."""
+    runs = {}
+    for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,fsdp=1,tensor=4"])):
+        out = tmp_path / name
+        rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
+                   "--query", imgs["b2"], "--out", str(out), "--batch-size", "2", "--no-progress", *extra])
+        assert rc == 0, capsys.readouterr().err
+        runs[name] = out
+    assert _files(runs["one"]) == _files(runs["mesh"])
+    for f in _files(runs["one"]):
+        if f.endswith(".png"):
+            a, b = (np.asarray(Image.open(runs[k] / f), np.int16) for k in ("one", "mesh"))
+            assert np.abs(a - b).max() <= 1, f  # float results equal to ~1e-6; 8-bit rounding may differ by one
+    one, mesh = (json.loads((runs[k] / "scores.json").read_text())["queries"] for k in ("one", "mesh"))
+    assert {k: v["chosen_seed"] for k, v in one.items()} == {k: v["chosen_seed"] for k, v in mesh.items()}

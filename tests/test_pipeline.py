@@ -200,6 +200,35 @@ def test_same_seed_same_output_and_independent_of_batch(pipe):
     assert np.abs(r3[0].image - r1[0].image).max() > 1e-3
 
 
+@pytest.mark.parametrize("spec, batch", [("data=8", 8), ("fsdp=2,tensor=4", 2)])
+def test_pipeline_on_a_mesh_matches_one_device(spec, batch, model, ae, text, pipe):
+    """Pipeline(mesh=...): queries split over data x fsdp, the model sharded by the training rules;
+    the same images, scores and chosen seeds as on one device, for a padded partial batch too."""
+    from pico_jax.parallel import make_mesh
+
+    mesh = make_mesh(spec)
+    sharded = Pipeline(model, ae, text, panel=PANEL, plan=pipe.plan, batch_size=batch, mesh=mesh)
+    qkv = sharded.transformer.double_blocks.img.qkv.kernel[...]
+    assert len(qkv.sharding.device_set) == 8
+    if "tensor" in spec:  # (layers, width 32 over fsdp=2, 3 x 32 over tensor=4): each device an eighth
+        assert qkv.sharding.spec == jax.P(None, "fsdp", "tensor")
+        assert {sh.data.shape for sh in qkv.addressable_shards} == {(1, 16, 24)}
+    a, a_out, *queries = _images(5, seed=2)
+    want, got = pipe(a, a_out, queries, seed=7), sharded(a, a_out, queries, seed=7)
+    assert len(got) == 3
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.image, w.image, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-6)
+        assert g.chosen_seed == w.chosen_seed and g.candidate_seeds == w.candidate_seeds
+
+
+def test_pipeline_mesh_needs_a_batch_its_data_devices_divide(model, ae, text):
+    from pico_jax.parallel import make_mesh
+
+    with pytest.raises(ValueError, match=r"batch_size 4 \(--batch-size\) must be a multiple of the mesh's data x fsdp = 8"):
+        Pipeline(model, ae, text, panel=PANEL, batch_size=4, mesh=make_mesh("data=2,fsdp=4"))
+
+
 # ----------------------------------------------------------------------------- early selection
 def test_early_selection_finishes_the_best_m_with_unchanged_trajectories(model, conditioned, text, layout, pipe):
     cond, known = conditioned

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from pico_jax.model.clip import CLIPTextEncoder, load_clip_text_encoder
 from pico_jax.model.t5 import T5Encoder, load_t5_encoder
-from pico_jax.parallel import param_placer, replicated, shard_state
+from pico_jax.parallel import global_array, param_placer, replicated, shard_state
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, read_config, save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
@@ -256,8 +256,8 @@ class TextEncoders:
             pooled = _run_clip_pooled(*self._clip_split, jnp.asarray(clip_ids))
         else:  # every host holds the same token ids; the result is replicated, so every host can read it
             on_mesh = replicated(self.mesh)
-            embeds = _run_t5(*self._t5_split, jax.device_put(t5_ids, on_mesh), on_mesh)
-            pooled = _run_clip_pooled(*self._clip_split, jax.device_put(clip_ids, on_mesh), on_mesh)
+            embeds = _run_t5(*self._t5_split, global_array(t5_ids, on_mesh), on_mesh)
+            pooled = _run_clip_pooled(*self._clip_split, global_array(clip_ids, on_mesh), on_mesh)
         return TextEmbeddings(embeds, pooled, jnp.zeros((t5_ids.shape[1], 3), embeds.dtype))
 
 
