@@ -9,6 +9,13 @@
 the output) w.r.t. the LoRA factors only: what a training step compiles, minus the optimizer.
 Its temporaries are the activation memory the remat policy leaves (XLA:CPU's plan; a GPU plan
 differs in detail, not in what is stored).
+--step sample: PICO's whole sampler (`pico_jax.pipeline.sample`) on FLUX.1-Fill-dev (--config
+is ignored): --steps Euler steps, --seeds seeds scored by the attention hook over the first
+--score-steps and the best one finished, --seed-batch of them at a time (default all: the GPU/TPU
+program), over --batch canvases of --tokens image tokens sharded over data x fsdp. The autoencoder
+is not in it (the condition tokens are inputs), as in bench_gpu_flux.py's sample section.
+
+    python benchmarks/bench_compile.py --step sample --batch 8 --mesh data=2,fsdp=4
 """
 
 import argparse
@@ -27,10 +34,20 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=4096, help="image tokens (4096 = a 1024x1024 canvas)")
     ap.add_argument("--text", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--step", choices=("forward", "lora"), default="forward", help="what to compile (see above)")
+    ap.add_argument("--step", choices=("forward", "lora", "sample"), default="forward",
+                    help="what to compile (see above)")
     ap.add_argument("--remat", choices=("full", "dots", "nothing", "none"), default="full",
                     help="FluxConfig.remat of the layer stacks (default full)")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank for --step lora")
+    ap.add_argument("--steps", type=int, default=28, help="sampling steps for --step sample (default 28)")
+    ap.add_argument("--seeds", type=int, default=8, help="seeds for --step sample (default 8)")
+    ap.add_argument("--score-steps", type=int, default=4, help="scored early steps for --step sample (default 4)")
+    ap.add_argument("--seed-batch", type=int, default=None,
+                    help="seeds run together for --step sample (default: all, the GPU/TPU program)")
+    ap.add_argument("--no-gather", action="store_true",
+                    help="trace without the context mesh, so the layers do not gather their weights over 'fsdp': "
+                         "the plan XLA's partitioner picks alone (what every program had before the seventeenth "
+                         "session), for comparison")
     args = ap.parse_args(argv)
 
     import jax
@@ -39,9 +56,11 @@ def main(argv=None):
 
     from pico_jax.model.flux import FluxConfig, abstract_model, count_params
     from pico_jax.model.lora import add_lora
-    from pico_jax.parallel import batch_sharding, make_mesh, replicated, state_shardings
+    from pico_jax.parallel import batch_sharding, collective_bytes, make_mesh, on_mesh, replicated, state_shardings
 
     t0 = time.perf_counter()
+    if args.step == "sample":
+        args.config = "flux1-fill-dev"  # the sampler's Fill-style input: 384 channels
     cfg = FluxConfig.named(args.config).replace(remat=args.remat)
 
     abstract = abstract_model(cfg)
@@ -56,7 +75,9 @@ def main(argv=None):
               S((T, 3), jnp.float32), S((B,), jnp.float32))
     bs = lambda nd: batch_sharding(mesh, nd)
     input_shardings = (bs(3), bs(3), bs(2), bs(1), replicated(mesh), replicated(mesh), bs(1))
-    if args.step == "forward":
+    if args.step == "sample":
+        fn, operands, what, n_params = _sampler(args, cfg, abstract, mesh)
+    elif args.step == "forward":
         graphdef, state = nnx.split(abstract)
         fn = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a),
                      in_shardings=(state_shardings(state, mesh), *input_shardings))
@@ -77,6 +98,8 @@ def main(argv=None):
         operands = (lora, base, *inputs, target)
         what = f"LoRA gradient (rank {args.rank}, {count_params(lora) / 1e6:.1f} M trainable)"
         n_params = count_params(lora) + count_params(base)
+    if not args.no_gather:  # traced under the mesh: each scanned layer gathers its weights over 'fsdp'
+        fn = on_mesh(fn, mesh)
     t0 = time.perf_counter()
     lowered = fn.lower(*operands)
     t_lower = time.perf_counter() - t0
@@ -90,6 +113,49 @@ def main(argv=None):
     target_note = " (target: < 60 s)" if args.step == "forward" else ""
     print(f"  abstract model {t_trace:.1f} s, lower {t_lower:.1f} s, compile {t_compile:.1f} s{target_note}")
     print(f"  per device: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB")
+    moved = collective_bytes(compiled.as_text())
+    unknown = moved.pop("loops of unknown trip count", 0)
+    parts = ", ".join(f"{kind} {n / 2**30:.2f} GiB" for kind, n in sorted(moved.items()) if n) or "none"
+    print(f"  collectives per device per call (result bytes; XLA's plan{', no fsdp gather' if args.no_gather else ''}): "
+          f"{parts}" + (f" ({unknown} loop(s) of unknown trip count counted once)" if unknown else ""))
+
+
+def _sampler(args, cfg, abstract, mesh):
+    """(jitted sampler, abstract operands, description, parameter count) for --step sample."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from pico_jax.model.flux import count_params
+    from pico_jax.parallel import batch_sharding, replicated, state_shardings
+    from pico_jax.pipeline import CanvasLayout, SamplingPlan, TextConditioning, sample
+    from pico_jax.scorer import ScorerConfig
+
+    side = int(round(np.sqrt(args.tokens)))
+    if side * side != args.tokens:
+        raise SystemExit(f"--tokens {args.tokens}: --step sample needs a square canvas (e.g. 4096 = 64 x 64)")
+    layout = CanvasLayout(panel=side * 16 // 2, ae_factor=8)  # FLUX: 8x VAE, 2x2 packing; panels are a half side
+    plan = SamplingPlan(steps=args.steps, seeds=args.seeds, keep=1, selection="early",
+                        scorer=ScorerConfig(steps=args.score_steps), guidance=30.0 if cfg.guidance_embeds else None,
+                        seed_batch=args.seed_batch or args.seeds).validate()
+    graphdef, state = nnx.split(abstract)
+    S, B, N = jax.ShapeDtypeStruct, args.batch, args.tokens
+    c_lat = cfg.output_channels
+    bs = lambda nd: batch_sharding(mesh, nd)
+
+    def run(state, cond, known, text, seeds):
+        return sample(nnx.merge(graphdef, state), cond, known, text, seeds, layout, plan)
+
+    text = TextConditioning(S((1, args.text, cfg.context_dim), jnp.bfloat16), S((1, cfg.pooled_dim), jnp.bfloat16))
+    everywhere = replicated(mesh)
+    fn = jax.jit(run, in_shardings=(state_shardings(state, mesh), bs(3), bs(3),
+                                    TextConditioning(everywhere, everywhere), everywhere))
+    operands = (state, S((B, N, cfg.in_channels - c_lat), jnp.bfloat16), S((B, N, c_lat), jnp.bfloat16), text,
+                S((args.seeds,), jnp.uint32))
+    what = (f"PICO sampler ({plan.steps} steps, {plan.seeds} seeds scored over {plan.scorer.steps} and the best "
+            f"finished, {plan.seed_batch} at a time)")
+    return fn, operands, what, count_params(state)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ This is the one place where sharding is decided; model code carries no sharding 
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -158,6 +160,120 @@ def state_shardings(state, mesh: Mesh):
 def shard_state(state, mesh: Mesh):
     """Place every leaf of an nnx.State onto the mesh by the rules."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), state, state_shardings(state, mesh))
+
+
+def fsdp_gather_layer(layer_state):
+    """One scanned layer's parameters, all-gathered over 'fsdp' (still split over 'tensor'), when JAX's
+    context mesh (`jax.set_mesh`, see `on_mesh`) has an 'fsdp' axis; otherwise unchanged.
+
+    This is what makes 'fsdp' FSDP: each layer's weights are gathered just before the layer runs
+    (and again in the backward), the batch stays split. Without it XLA's partitioner met the
+    conflict between a batch split over 'fsdp' and weights split over 'fsdp' along their contracted
+    dimension the other way: it gathered the *activations* over 'fsdp' and all-reduced every
+    product's fp32 output, and the sampler's plan held the whole model's weights gathered
+    (benchmarks/RESULTS.md, seventeenth session). The names are the layer's own (`img.qkv.kernel`),
+    which the rules match as they match the stacked ones. Under remat the backward gathers them
+    again; with remat="none" autodiff keeps each layer's gathered weights for the backward."""
+    if not fsdp_gathering():
+        return layer_state
+    from flax import nnx
+
+    mesh = jax.sharding.get_abstract_mesh()
+    leaves = []
+    for key_path, var in nnx.to_flat_state(layer_state):
+        value = var.get_value()
+        spec = spec_for(".".join(str(p) for p in key_path), value.shape, mesh)
+        gathered = P(*(None if axis == "fsdp" else axis for axis in spec))
+        leaves.append((key_path, var.replace(jax.lax.with_sharding_constraint(value, gathered))))
+    return nnx.from_flat_state(leaves)
+
+
+def fsdp_gathering() -> bool:
+    """Whether `fsdp_gather_layer` gathers, i.e. the context mesh has an 'fsdp' axis of more than one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and "fsdp" in mesh.axis_names and mesh.shape["fsdp"] > 1
+
+
+def on_mesh(fn, mesh: Mesh):
+    """`fn` (a jitted function) called, and so traced, with `mesh` as JAX's context mesh, which
+    `fsdp_gather_layer` reads; `.lower` too. Use it for every program over a mesh with 'fsdp'."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    def lower(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn.lower(*args, **kwargs)
+
+    call.lower = lower
+    return call
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each device's collectives produce in one run of a compiled program, by kind (the
+    result sizes of every all-gather, all-reduce, reduce-scatter, all-to-all and
+    collective-permute), from `compiled.as_text()`. A loop body counts its known trip count times;
+    of a conditional's branches the costliest counts. A loop without a known trip count counts
+    once and is reported under 'loops of unknown trip count'."""
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            head = line.split("(", 1)[0].split()
+            current = head[-1].lstrip("%")
+            computations[current] = []
+            if head[0] == "ENTRY":
+                entry = current
+        elif current is not None and line.startswith("  "):
+            computations[current].append(line)
+    memo: dict[str, collections.Counter] = {}
+
+    def total(name: str) -> collections.Counter:
+        if name in memo:
+            return memo[name]
+        out: collections.Counter = collections.Counter()
+        memo[name] = out  # guards against cycles, which HLO does not have
+        for line in computations.get(name, ()):
+            op = _COLLECTIVE.search(line)
+            if op:
+                out[op.group(2)] += _shape_bytes(op.group(1))
+            if " while(" in line:
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+                if not trips:
+                    out["loops of unknown trip count"] += 1
+                body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+                for kind, n in total(body).items():
+                    out[kind] += n * (int(trips.group(1)) if trips and kind != "loops of unknown trip count" else 1)
+            elif " conditional(" in line:
+                branches = re.findall(r"%?([\w.\-]+)", re.search(r"branch_computations=\{([^}]*)\}", line).group(1)) \
+                    if "branch_computations" in line else re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
+                costs = [total(b) for b in branches]
+                if costs:
+                    out.update(max(costs, key=lambda c: sum(v for k, v in c.items() if k != "loops of unknown trip count")))
+            else:
+                for callee in re.findall(r"\bcalls=%?([\w.\-]+)", line):
+                    out.update(total(callee))
+        return out
+
+    return dict(total(entry)) if entry else {}
+
+
+_COLLECTIVE = re.compile(
+    r"= (\(?[^=]*?\)?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+)
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+
+
+def _shape_bytes(shapes: str) -> int:
+    """Bytes of an HLO result type: one array `f32[8,4]{1,0}` or a tuple of them."""
+    n = 0
+    for dtype, dims in re.findall(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9](?:fn)?)?)\[([0-9,]*)\]", shapes):
+        if dtype in _DTYPE_BYTES:
+            n += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    return n
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -40,7 +40,7 @@ from pico_jax import grid
 from pico_jax.flow import PREDICTIONS, euler_sample, flux_mu, flux_schedule, velocity_from_output
 from pico_jax.model.attention import AttentionHooks
 from pico_jax.model.flux import FluxTransformer
-from pico_jax.parallel import batch_sharding, global_array, replicated, shard_state
+from pico_jax.parallel import batch_sharding, global_array, on_mesh, replicated, shard_state
 from pico_jax.scorer import ScorerConfig, choose, consensus_scores, score_from_group_mass
 
 
@@ -254,7 +254,8 @@ def sample(
     layout: CanvasLayout,
     plan: SamplingPlan,
 ) -> Samples:
-    """Run the plan for a batch of conditioned canvases. Pure; jit it with `plan` static."""
+    """Run the plan for a batch of conditioned canvases. Pure; jit it with `plan` static (and,
+    over a mesh with 'fsdp', call it through `pico_jax.parallel.on_mesh`, as Pipeline does)."""
     cfg = model.config
     b, n, _ = cond.shape
     c_lat = known.shape[-1]
@@ -440,9 +441,10 @@ class Pipeline:
                 images = jax.vmap(lambda t: decode_tokens(ae, t, layout))(s.tokens)
                 return images, s.chosen, s.scores
 
-            # On a mesh the results come back replicated: small, and readable on every host.
-            out = None if self.mesh is None else replicated(self.mesh)
-            self._compiled[key] = jax.jit(run, out_shardings=out)
+            if self.mesh is None:
+                self._compiled[key] = jax.jit(run)
+            else:  # results replicated (small, readable on every host); traced under the mesh (on_mesh)
+                self._compiled[key] = on_mesh(jax.jit(run, out_shardings=replicated(self.mesh)), self.mesh)
         return self._compiled[key]
 
     def canvases(self, exemplar, exemplar_out, queries: Sequence[Any]) -> list[grid.Canvas]:

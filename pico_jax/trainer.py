@@ -331,7 +331,7 @@ class Trainer:
         self._build_state()
 
     def _build_state(self):
-        from pico_jax.parallel import param_placer, shard_state
+        from pico_jax.parallel import on_mesh, param_placer, shard_state
 
         cfg = self.cfg
         model = build_model(cfg, place=param_placer(self.mesh))
@@ -348,7 +348,8 @@ class Trainer:
         self.opt_state = self._on_mesh(jax.jit(self.tx.init)(self.trainable))
         self.ema = jax.tree.map(jnp.copy, self.trainable) if cfg.ema_decay > 0 else None
         step_fn = make_train_step(self.graphdef, self.ae, self.text, self.layout, cfg, self.tx, self.schedule)
-        self.step_fn = jax.jit(step_fn, donate_argnums=(0, 2, 3))
+        # Traced under the mesh so the scanned layers gather their weights over 'fsdp' (parallel.on_mesh).
+        self.step_fn = on_mesh(jax.jit(step_fn, donate_argnums=(0, 2, 3)), self.mesh)
         self.step = 0
 
     def _on_mesh(self, tree):

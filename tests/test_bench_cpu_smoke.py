@@ -65,6 +65,23 @@ def test_bench_compile_lora_gradient_at_full_size():
     assert _number(r"temporaries ([0-9.]+) GiB", out) > 0
 
 
+def test_bench_compile_sampler_at_full_size_gathers_weights():
+    """bench_compile.py --step sample: PICO's whole sampler on full-size FLUX.1-Fill-dev compiles over
+    data x fsdp (short canvas, few steps); its collectives are weight all-gathers, no all-reduce."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compile.py"), "--step", "sample",
+                           "--mesh", "data=2,fsdp=4", "--batch", "8", "--tokens", "256", "--text", "32",
+                           "--steps", "3", "--seeds", "2", "--score-steps", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    out = proc.stdout
+    assert "flux1-fill-dev: 11,902,391,360 parameters" in out and "PICO sampler (3 steps, 2 seeds" in out
+    gathered = _number(r"all-gather ([0-9.]+) GiB", out)
+    assert 3 * 21.5 < gathered < 3 * 23  # the weights (22.1 GiB), once per step
+    assert "all-reduce" not in out or _number(r"all-reduce ([0-9.]+) GiB", out) < 0.1
+
+
 @pytest.mark.parametrize("program", ["forward", "lora"])
 def test_profile_attributes_the_traced_time(program):
     """profile_forward.py at toy size: the cost analysis counts FLOPs, and the trace's op time is

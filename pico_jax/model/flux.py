@@ -23,6 +23,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from pico_jax.model.attention import NARROW_FLOATS, AttentionHooks, Captured, attention
+from pico_jax.parallel import fsdp_gather_layer
 
 
 # --------------------------------------------------------------------------------------- config
@@ -610,7 +611,8 @@ def scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 
     by_bits = _slices_by_bits(state)
 
     def layer_step(layer_state, carry, x):
-        return body(nnx.merge(graphdef, layer_state), carry, x)
+        # Under a context mesh with 'fsdp', the layer's weights are gathered here, one layer at a time.
+        return body(nnx.merge(graphdef, fsdp_gather_layer(layer_state)), carry, x)
 
     if remat != "none":
         layer_step = jax.checkpoint(layer_step, policy=_REMAT_POLICIES[remat], prevent_cse=False)

@@ -254,10 +254,12 @@ class TextEncoders:
         if self.mesh is None:
             embeds = _run_t5(*self._t5_split, jnp.asarray(t5_ids))
             pooled = _run_clip_pooled(*self._clip_split, jnp.asarray(clip_ids))
-        else:  # every host holds the same token ids; the result is replicated, so every host can read it
-            on_mesh = replicated(self.mesh)
-            embeds = _run_t5(*self._t5_split, global_array(t5_ids, on_mesh), on_mesh)
-            pooled = _run_clip_pooled(*self._clip_split, global_array(clip_ids, on_mesh), on_mesh)
+        else:  # every host holds the same token ids; the result is replicated, so every host can read it.
+            # Traced under the mesh, so each layer's weights are gathered over 'fsdp' as it runs.
+            everywhere = replicated(self.mesh)
+            with jax.set_mesh(self.mesh):
+                embeds = _run_t5(*self._t5_split, global_array(t5_ids, everywhere), everywhere)
+                pooled = _run_clip_pooled(*self._clip_split, global_array(clip_ids, everywhere), everywhere)
         return TextEmbeddings(embeds, pooled, jnp.zeros((t5_ids.shape[1], 3), embeds.dtype))
 
 
