@@ -242,10 +242,15 @@ def main(argv=None) -> int:
     from pico_jax.safetensors_io import CheckpointError
     from pico_jax.scorer import scorer_from_name
 
-    mesh = None
+    mesh, writer = None, True
     if args.mesh:
-        from pico_jax.parallel import MeshError, make_mesh
+        import jax
 
+        from pico_jax.parallel import MeshError, make_mesh, maybe_initialize_distributed
+
+        # One process per host on a cluster (the same command on each); only the first writes.
+        maybe_initialize_distributed()
+        writer = jax.process_index() == 0
         try:
             mesh = make_mesh(args.mesh)
         except MeshError as e:
@@ -284,7 +289,8 @@ def main(argv=None) -> int:
         return 2
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     cache: dict[str, object] = {}
 
     def image(path):
@@ -307,7 +313,7 @@ def main(argv=None) -> int:
             except (ImageError, ValueError) as e:
                 raise InputError(str(e)) from e
             results = pipe.run_canvases(canvases, plan, seed=args.seed)
-            for r, res in zip(chunk, results):
+            for r, res in zip(chunk, results if writer else ()):
                 files = [(res.image, out / f"{r['name']}.png"), (res.canvas, out / f"{r['name']}_grid.png")]
                 if args.save_candidates:
                     files += [(c, out / f"{r['name']}_cand{i}.png") for i, c in enumerate(res.candidates)]
@@ -339,11 +345,12 @@ def main(argv=None) -> int:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 1
     finally:
-        if report["queries"]:
+        if report["queries"]:  # only the writer has any
             report["seconds"] = round(time.time() - t0, 3)
             write_json_atomic(report, out / "scores.json")
     bar.close()
-    print(f"wrote {len(rows)} result(s) to {out}/ ({time.time() - t0:.1f} s)")
+    if writer:
+        print(f"wrote {len(rows)} result(s) to {out}/ ({time.time() - t0:.1f} s)")
     return 0
 
 

@@ -315,3 +315,17 @@ def test_mesh_flag_paints_what_one_device_paints(tmp_path, imgs, checkpoint, cap
             assert np.abs(a - b).max() <= 1, f  # float results equal to ~1e-6; 8-bit rounding may differ by one
     one, mesh = (json.loads((runs[k] / "scores.json").read_text())["queries"] for k in ("one", "mesh"))
     assert {k: v["chosen_seed"] for k, v in one.items()} == {k: v["chosen_seed"] for k, v in mesh.items()}
+
+
+def test_mesh_run_writes_only_from_the_first_process(tmp_path, imgs, checkpoint, monkeypatch, capsys):
+    """On a cluster every host runs the same command; the hosts after the first compute their share
+    and write nothing (a second process is simulated by its index)."""
+    import jax
+
+    monkeypatch.setattr(jax, "process_index", lambda *a: 1)
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
+               "--out", str(out), "--batch-size", "2", "--mesh", "data=2,fsdp=1,tensor=4", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert not out.exists()
+
