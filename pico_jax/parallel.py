@@ -7,7 +7,9 @@ sharding of the frozen base too, 'mlp' → 'tensor' for Megatron-style tensor pa
 dimension that the mesh axis does not divide is replicated instead of failing. Batches are
 sharded over ('data', 'fsdp').
 
-This is the one place where sharding is decided; model code carries no sharding annotations.
+This is the one place where sharding is decided; model code carries no sharding annotations
+except one call, `fsdp_gather_layer`, in the layer scan: under a context mesh (`on_mesh`) it
+gathers each layer's weights over 'fsdp' as the layer runs.
 """
 
 from __future__ import annotations
@@ -167,11 +169,11 @@ def fsdp_gather_layer(layer_state):
     context mesh (`jax.set_mesh`, see `on_mesh`) has an 'fsdp' axis; otherwise unchanged.
 
     This is what makes 'fsdp' FSDP: each layer's weights are gathered just before the layer runs
-    (and again in the backward), the batch stays split. Without it XLA's partitioner met the
-    conflict between a batch split over 'fsdp' and weights split over 'fsdp' along their contracted
-    dimension the other way: it gathered the *activations* over 'fsdp' and all-reduced every
-    product's fp32 output, and the sampler's plan held the whole model's weights gathered
-    (benchmarks/RESULTS.md, seventeenth session). The names are the layer's own (`img.qkv.kernel`),
+    (and again in the backward), the batch stays split. Without it, XLA's partitioner, given a
+    batch split over 'fsdp' and weights split over 'fsdp' along their contracted width, gathered
+    the *activations* over 'fsdp' and all-reduced every product's fp32 output instead, and the
+    sampler's plan held the whole model's weights gathered (benchmarks/RESULTS.md, seventeenth
+    session). The names are the layer's own (`img.qkv.kernel`),
     which the rules match as they match the stacked ones. Under remat the backward gathers them
     again; with remat="none" autodiff keeps each layer's gathered weights for the backward."""
     if not fsdp_gathering():
