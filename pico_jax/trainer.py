@@ -430,12 +430,15 @@ class Trainer:
         save_lora_diffusers(self.model(), path)
 
     def pipeline(self, plan: SamplingPlan | None = None, batch_size: int = 4, use_ema: bool = True):
-        """An inference Pipeline over the current (EMA) weights, with this run's canvas conventions."""
+        """An inference Pipeline over the current (EMA) weights, with this run's canvas conventions,
+        on the training mesh (the weights stay where they are; the batch is rounded up to a
+        multiple of data x fsdp, padded as any partial batch is)."""
         from pico_jax.pipeline import Pipeline
 
-        return Pipeline(self.model(use_ema), self.ae, self.text, self.cfg.panel, batch_size=batch_size,
+        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return Pipeline(self.model(use_ema), self.ae, self.text, self.cfg.panel, batch_size=-(-batch_size // dp) * dp,
                         plan=plan or SamplingPlan(steps=self.cfg.sample_steps, mu=0.0),
-                        query_hint=self.cfg.query_hint, prediction=self.cfg.prediction)
+                        query_hint=self.cfg.query_hint, prediction=self.cfg.prediction, mesh=self.mesh)
 
     # --- samples ---------------------------------------------------------------------------
     def save_samples(self, batch: dict, path: Path, n: int = 4):

@@ -87,6 +87,26 @@ def _metrics(workdir):
     return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_trainer_pipeline_runs_on_the_training_mesh():
+    """Trainer.pipeline samples over the run's mesh (the batch rounded up to data x fsdp) and paints what
+    one device paints with the same weights."""
+    from pico_jax.pipeline import Pipeline, SamplingPlan
+
+    tr = Trainer(micro(mesh="fsdp=8"), "/tmp/unused", progress=False)
+    plan = SamplingPlan(steps=2, seeds=3, keep=1, selection="full")
+    on_mesh = tr.pipeline(plan, batch_size=3)
+    assert on_mesh.mesh is tr.mesh and on_mesh.batch_size == 8
+    model = tr.model()
+    graphdef, state = nnx.split(model)
+    alone = Pipeline(nnx.merge(graphdef, jax.device_get(state)), tr.ae, tr.text, tr.cfg.panel, batch_size=3, plan=plan,
+                     query_hint=tr.cfg.query_hint, prediction=tr.cfg.prediction)
+    rng = np.random.default_rng(0)
+    a, a_out, *queries = [rng.random((16, 16, 3)).astype(np.float32) for _ in range(5)]
+    for w, g in zip(alone(a, a_out, queries), on_mesh(a, a_out, queries)):
+        np.testing.assert_allclose(g.image, w.image, rtol=1e-5, atol=1e-5)
+        assert g.chosen_seed == w.chosen_seed
+
+
 def test_resume_is_exact(tmp_path):
     straight = Trainer(micro(mesh="fsdp=8", ema_decay=0.9), tmp_path / "a", progress=False)
     straight.run()
