@@ -56,6 +56,7 @@ import numpy as np
 from scipy import ndimage as _ndi
 
 from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP, enable_compile_cache
+from pico_jax.infer import MESH_FLAG_HELP
 
 __all__ = [
     "METHODS",
@@ -782,6 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--panel-size", type=int, help="episode image size in px (default: the model's panel)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--batch-size", type=int, default=4, help="episodes per compiled batch (default 4)")
+    p.add_argument("--mesh", metavar="SPEC", help=MESH_FLAG_HELP)
     p.add_argument("--sample-seed", type=int, default=0, help="first diffusion seed (default 0)")
     p.add_argument("--episode-offset", type=int, default=0, help="first evaluation-seed index (default 0)")
     p.add_argument("--sheet-episodes", type=int, default=3, help="episodes per family on the picture sheet (default 3)")
@@ -826,8 +828,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pico_jax.safetensors_io import CheckpointError
 
     enable_compile_cache(args.compile_cache, prog="pico_jax.eval")
+    mesh = None
+    if args.mesh:
+        from pico_jax.parallel import MeshError, mesh_for_cli
+
+        try:
+            mesh = mesh_for_cli(args.mesh, args.batch_size)
+        except MeshError as e:
+            return fail(str(e))
+        import jax
+
+        if jax.process_count() > 1:
+            return fail("--mesh over several processes is not supported by the evaluation (use one host's devices)")
     try:
-        pipe = load_pico(args.checkpoint, batch_size=args.batch_size)
+        pipe = load_pico(args.checkpoint, batch_size=args.batch_size, mesh=mesh)
     except CheckpointError as e:
         return fail(str(e))
     if args.scorer:

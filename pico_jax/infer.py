@@ -12,6 +12,14 @@ from pathlib import Path
 
 from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP, enable_compile_cache
 
+# Shared with pico_jax.eval; here, not in pico_jax.parallel, so that --help need not import jax.
+MESH_FLAG_HELP = (
+    "run on several devices: axis=size over data, fsdp, tensor, e.g. 'data=8' (8 GPUs, each taking its share of "
+    "every batch) or 'fsdp=8' (the model split 8 ways too, for one too big for a device); axes left out absorb the "
+    "remaining devices. --batch-size must be a multiple of data x fsdp. Results are the same as on one device. "
+    "Default: one device"
+)
+
 DESCRIPTION = """\
 PICO in-context inference. Show ONE example pair (A -> A') and one or more query images B;
 the model paints B' by applying the same transformation to each B. Nothing names the task:
@@ -88,11 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds run together while scoring (default: 1 on CPU, all on GPU/TPU); same results, "
                         "only speed and memory change")
     p.add_argument("--batch-size", type=int, default=4, help="queries per compiled batch (default 4)")
-    p.add_argument("--mesh", metavar="SPEC",
-                   help="run on several devices: axis=size over data, fsdp, tensor, e.g. 'data=8' (8 GPUs, each "
-                        "painting its share of every batch) or 'fsdp=4,tensor=2' (the model split 8 ways, for one "
-                        "too big for a device); axes left out absorb the remaining devices. --batch-size must be a "
-                        "multiple of data x fsdp. Results are the same as on one device. Default: one device")
+    p.add_argument("--mesh", metavar="SPEC", help=MESH_FLAG_HELP)
     p.add_argument("--save-candidates", action="store_true", help="also write OUT/<query>_cand<i>.png for the kept seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile-cache", metavar="DIR", help=COMPILE_CACHE_HELP)
@@ -243,24 +247,17 @@ def main(argv=None) -> int:
     from pico_jax.scorer import scorer_from_name
 
     mesh, writer = None, True
-    if args.mesh:
+    if args.mesh:  # before minutes of loading
         import jax
 
-        from pico_jax.parallel import MeshError, make_mesh, maybe_initialize_distributed
+        from pico_jax.parallel import MeshError, mesh_for_cli
 
-        # One process per host on a cluster (the same command on each); only the first writes.
-        maybe_initialize_distributed()
-        writer = jax.process_index() == 0
         try:
-            mesh = make_mesh(args.mesh)
+            mesh = mesh_for_cli(args.mesh, args.batch_size)
         except MeshError as e:
             print(f"infer.py: error: {e}", file=sys.stderr)
             return 2
-        if args.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):  # before minutes of loading
-            print(f"infer.py: error: --batch-size {args.batch_size} must be a multiple of the mesh's data x fsdp = "
-                  f"{mesh.shape['data'] * mesh.shape['fsdp']} (--mesh {args.mesh} is {dict(mesh.shape)})",
-                  file=sys.stderr)
-            return 2
+        writer = jax.process_index() == 0  # one process per host on a cluster; only the first writes
     try:
         from pico_jax.checkpoints import load_pico
 

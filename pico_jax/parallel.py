@@ -301,6 +301,18 @@ def maybe_initialize_distributed() -> bool:
     return jax.process_count() > 1
 
 
+def mesh_for_cli(spec: str, batch_size: int) -> Mesh:
+    """The mesh of a command's --mesh flag, after starting multi-host JAX when the cluster asks for it;
+    MeshError (naming --mesh or --batch-size) for a spec the devices or the batch do not fit."""
+    maybe_initialize_distributed()
+    mesh = make_mesh(spec)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % dp:
+        raise MeshError(f"--batch-size {batch_size} must be a multiple of the mesh's data x fsdp = {dp} "
+                        f"(--mesh {spec} is {dict(mesh.shape)})")
+    return mesh
+
+
 def host_batch_slice(global_batch: int) -> tuple[int, int]:
     """This host's share of a global batch: (per-host batch size, first index)."""
     n, i = jax.process_count(), jax.process_index()

@@ -276,6 +276,30 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
     assert "score-steps" in capsys.readouterr().err
     assert ev.main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert ev.main(["--episodes", "0", "--out", str(tmp_path)]) == 2
+    assert ev.main(["--checkpoint", str(checkpoint), "--mesh", "data=8", "--batch-size", "4", "--out", str(tmp_path)]) == 2
+    assert "--batch-size 4 must be a multiple of the mesh's data x fsdp = 8" in capsys.readouterr().err
+
+
+def _numbers(tree, path=""):
+    """{path: number} of every number in a JSON-like tree."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _numbers(sub, f"{path}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _numbers(sub, f"{path}[{i}]").items()}
+    return {path: float(tree)} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
+
+
+def test_evaluation_on_a_mesh_matches_one_device(checkpoint, evaluated, tmp_path):
+    from pico_jax.parallel import make_mesh
+
+    res, _ = evaluated
+    pipe = load_pico(checkpoint, batch_size=2, mesh=make_mesh("data=2,fsdp=1,tensor=4"))
+    got = ev.evaluate(pipe, list(FAMS), EPISODES, SEEDS, steps=2, score_steps=1, out_dir=tmp_path, n_boot=1000,
+                      sheet_episodes=2, progress=False)
+    want, have = _numbers(res["families"]), _numbers(got["families"])
+    assert want.keys() == have.keys() and len(want) > 50
+    for k in want:  # per-episode metrics and chosen seeds: equal up to float noise
+        assert have[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
 
 
 def _split_in_two(res):
