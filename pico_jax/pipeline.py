@@ -355,7 +355,6 @@ def _place_on_mesh(transformer: FluxTransformer, autoencoder, text: TextConditio
     return transformer, autoencoder, text
 
 
-
 @dataclasses.dataclass
 class Result:
     """One query's output."""
@@ -376,9 +375,9 @@ class Pipeline:
     settings; compiles one function per (batch size, plan) and reuses it.
 
     With `mesh` (`pico_jax.parallel.make_mesh`), the transformer is sharded over it by the same
-    rules as training (FSDP over 'fsdp', tensor parallel over 'tensor': FLUX.1-dev need not fit
-    on one device) and each batch of queries is split over 'data' x 'fsdp'; the results are the
-    same as on one device.
+    rules as training (FSDP over 'fsdp', so FLUX.1-dev need not fit on one device; 'tensor' works
+    too but reshards the fused projections, README "What is not done yet") and each batch of
+    queries is split over 'data' x 'fsdp'; the results are the same as on one device.
     """
 
     def __init__(
