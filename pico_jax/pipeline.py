@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -194,6 +195,11 @@ class SamplingPlan:
                              f"(--keep; got selection={self.selection!r}, keep={self.keep})")
         if self.seed_batch is not None and self.seed_batch < 1:
             raise ValueError(f"seed_batch (--seed-batch) must be >= 1 (got {self.seed_batch})")
+        if self.seeds == 2 and self.selection != "random" and self.scorer.signal == "consensus":
+            # Each seed's distance to the mean of two is the same: the scores tie, rounding picks.
+            warnings.warn("the consensus scorer cannot rank 2 seeds (their distances to the mean are equal), so "
+                          "which one is kept is arbitrary; use 3 or more seeds (--seeds) or an attention scorer",
+                          UserWarning, stacklevel=2)
         return self
 
     def override(self, **changes) -> "SamplingPlan":

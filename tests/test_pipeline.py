@@ -427,6 +427,25 @@ def test_sampling_plan_validation():
         SamplingPlan(seeds=4, keep=2, ensemble="average").validate()
 
 
+def test_consensus_over_two_seeds_warns_that_it_cannot_rank_them():
+    import warnings
+
+    consensus = ScorerConfig(steps=1, signal="consensus")
+    with pytest.warns(UserWarning, match="cannot rank 2 seeds"):
+        SamplingPlan(steps=2, seeds=2, scorer=consensus).validate()
+    # the scores really tie: each of two estimates is equally far from their mean
+    from pico_jax.scorer import consensus_scores
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 1, 5, 3)), jnp.float32)
+    s = np.asarray(consensus_scores(x))
+    assert s[0, 0] == pytest.approx(s[1, 0], rel=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SamplingPlan(steps=2, seeds=3, scorer=consensus).validate()
+        SamplingPlan(steps=2, seeds=2, scorer=ScorerConfig(steps=1)).validate()  # attention scores differ
+        SamplingPlan(steps=2, seeds=2, selection="random", scorer=consensus).validate()
+
+
 def test_override_adapts_the_fields_the_caller_did_not_name():
     default = SamplingPlan(seeds=8, keep=4, ensemble="median").validate()  # the bundled pico-tiny's shape
     assert default.override(seeds=2) == dataclasses.replace(default, seeds=2, keep=2)  # still an ensemble of 2
