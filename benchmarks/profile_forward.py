@@ -242,6 +242,16 @@ def print_breakdown(per_cat, per_op, *, what: str, wall: float, flops: float, pe
         print(f"  {us / 1e3:7.2f}  {name:28s} {cat:20.20s} -> {shape}")
 
 
+def report_ops(compiled, run, args, *, what: str, wall: float, flops: float, peak: float) -> None:
+    """Where a compiled program's time goes, op by op, and (narrow dtypes) its fp32 copies."""
+    hlo = compiled.as_text()
+    table = hlo_ops(hlo)
+    per_cat, per_op = op_breakdown(run, table, args.runs, args.trace_dir)
+    print_breakdown(per_cat, per_op, what=what, wall=wall, flops=flops, peak=peak, top=args.top)
+    if args.dtype != "float32":
+        print_fp32_copies(hlo, table, args.upcast_min)
+
+
 def median_wall(run, runs: int) -> float:
     n = max(runs, 3)
     return sorted(_time(run) for _ in range(n))[n // 2]
@@ -289,7 +299,7 @@ def profile_lora(args) -> None:
     print(f"program: LoRA step (forward, backward on rank-{args.rank} factors, AdamW) of the reduced FLUX: "
           f"{args.double} double + {args.single} single blocks, width {args.width}, {n_img} image + {n_txt} text "
           f"tokens, batch 1, {args.dtype}")
-    print(f"the two numbers (XLA cost analysis of the unrolled step with one N×N XLA attention, autodiff):")
+    print("the two numbers (XLA cost analysis of the unrolled step with one N×N XLA attention, autodiff):")
     print(f"  FLOPs {xla_flops / 1e9:.3g} G; bytes accessed {xla_bytes / 2**30:.2f} GiB; "
           f"{xla_flops / xla_bytes:.0f} FLOP/byte")
     fn, fargs, summary = build_program(dict(base, overrides={}))
@@ -308,12 +318,7 @@ def profile_lora(args) -> None:
     print(f"step: median {wall * 1e3:.1f} ms = {xla_flops / wall / 1e9:.1f} GFLOP/s (XLA's FLOPs of the autodiff "
           f"graph; the step as it runs recomputes attention probabilities in its backward) = "
           f"{xla_flops / wall / peak:.0%} of the matmul rate")
-    hlo = compiled.as_text()
-    table = hlo_ops(hlo)
-    per_cat, per_op = op_breakdown(run, table, args.runs, args.trace_dir)
-    print_breakdown(per_cat, per_op, what="step", wall=wall, flops=xla_flops, peak=peak, top=args.top)
-    if args.dtype != "float32":
-        print_fp32_copies(hlo, table, args.upcast_min)
+    report_ops(compiled, run, args, what="step", wall=wall, flops=xla_flops, peak=peak)
 
 
 def profile_forward(args) -> None:
@@ -380,12 +385,7 @@ def profile_forward(args) -> None:
           f"{flops / wall / peak:.0%} of the matmul rate")
     print(f"roofline of the all-heads XLA graph: compute {t_compute * 1e3:.0f} ms, bytes {t_memory * 1e3:.0f} ms "
           f"(the headwise/fused attention that runs moves fewer bytes than this graph counts)")
-    hlo = compiled.as_text()
-    table = hlo_ops(hlo)
-    per_cat, per_op = op_breakdown(run, table, args.runs, args.trace_dir)
-    print_breakdown(per_cat, per_op, what="forward", wall=wall, flops=flops, peak=peak, top=args.top)
-    if args.dtype != "float32":
-        print_fp32_copies(hlo, table, args.upcast_min)
+    report_ops(compiled, run, args, what="forward", wall=wall, flops=flops, peak=peak)
 
 
 def main(argv=None):

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from pico_jax.model.flux import FluxConfig, FluxTransformer, abstract_model
+from pico_jax.parallel import Placer
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, check_keys, check_shape, read_config
 
 
@@ -158,7 +157,6 @@ def _np_dtype(dtype) -> Any:
     return ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else dtype
 
 
-Placer = Callable[[str, np.ndarray], jax.Array]
 
 
 def load_state(

@@ -18,7 +18,7 @@ import collections
 import functools
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
@@ -53,6 +53,10 @@ PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
 
 class MeshError(ValueError):
     pass
+
+
+# A loader's `place=`: (dotted parameter name, host array) -> the array on its device(s).
+Placer = Callable[[str, np.ndarray], jax.Array]
 
 
 def parse_mesh_spec(spec: str | Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
@@ -137,7 +141,7 @@ def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def param_placer(mesh: Mesh):
+def param_placer(mesh: Mesh) -> Placer:
     """For the loaders' `place=` (`load_flux_transformer`, `load_t5_encoder`, `load_clip_text_encoder`):
     put each parameter straight onto its shards, so no device ever holds the whole model."""
 
@@ -162,6 +166,27 @@ def state_shardings(state, mesh: Mesh):
 def shard_state(state, mesh: Mesh):
     """Place every leaf of an nnx.State onto the mesh by the rules."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), state, state_shardings(state, mesh))
+
+
+def shard_module(module, mesh: Mesh):
+    """An nnx module with its state placed on the mesh by the rules (a no-op for leaves already there)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, shard_state(state, mesh))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways a batch is split: the 'data' x 'fsdp' devices."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """MeshError unless the batch splits evenly over the mesh's data x fsdp devices."""
+    dp = data_parallel_size(mesh)
+    if batch_size % dp:
+        raise MeshError(f"--batch-size {batch_size} must be a multiple of the mesh's data x fsdp = {dp} "
+                        f"(mesh {dict(mesh.shape)}): each of those devices takes an equal share of the batch")
 
 
 def fsdp_gather_layer(layer_state):
@@ -306,10 +331,10 @@ def mesh_for_cli(spec: str, batch_size: int) -> Mesh:
     MeshError (naming --mesh or --batch-size) for a spec the devices or the batch do not fit."""
     maybe_initialize_distributed()
     mesh = make_mesh(spec)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % dp:
-        raise MeshError(f"--batch-size {batch_size} must be a multiple of the mesh's data x fsdp = {dp} "
-                        f"(--mesh {spec} is {dict(mesh.shape)})")
+    try:
+        check_batch_size(batch_size, mesh)
+    except MeshError as e:
+        raise MeshError(f"{e}; --mesh {spec}") from None
     return mesh
 
 

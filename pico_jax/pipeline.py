@@ -41,7 +41,7 @@ from pico_jax import grid
 from pico_jax.flow import PREDICTIONS, euler_sample, flux_mu, flux_schedule, velocity_from_output
 from pico_jax.model.attention import AttentionHooks
 from pico_jax.model.flux import FluxTransformer
-from pico_jax.parallel import batch_sharding, global_array, on_mesh, replicated, shard_state
+from pico_jax.parallel import batch_sharding, check_batch_size, global_array, on_mesh, replicated, shard_module
 from pico_jax.scorer import ScorerConfig, choose, consensus_scores, score_from_group_mass
 
 
@@ -352,8 +352,7 @@ def sample(
 def _place_on_mesh(transformer: FluxTransformer, autoencoder, text: TextConditioning, mesh: Mesh):
     """The transformer sharded by `pico_jax.parallel`'s rules (a no-op for parameters a loader already
     placed with `param_placer`); the autoencoder and the text conditioning replicated on the mesh."""
-    graphdef, state = nnx.split(transformer)
-    transformer = nnx.merge(graphdef, shard_state(state, mesh))
+    transformer = shard_module(transformer, mesh)
     everywhere = replicated(mesh)
     ae_graphdef, ae_state = nnx.split(autoencoder)
     autoencoder = nnx.merge(ae_graphdef, jax.tree.map(lambda x: global_array(np.asarray(x), everywhere), ae_state))
@@ -400,13 +399,7 @@ class Pipeline:
         mesh: Mesh | None = None,
     ):
         if mesh is not None:
-            dp = mesh.shape["data"] * mesh.shape["fsdp"]
-            if batch_size % dp:
-                raise ValueError(
-                    f"batch_size {batch_size} (--batch-size) must be a multiple of the mesh's data x fsdp = {dp} "
-                    f"(mesh {dict(mesh.shape)}): each of those devices takes an equal share of the queries; "
-                    f"shard the model over 'tensor' instead to run fewer queries at once"
-                )
+            check_batch_size(batch_size, mesh)  # a MeshError, which is a ValueError
             transformer, autoencoder, text = _place_on_mesh(transformer, autoencoder, text, mesh)
         self.mesh = mesh
         self.transformer, self.autoencoder, self.text = transformer, autoencoder, text

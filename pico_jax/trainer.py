@@ -433,9 +433,10 @@ class Trainer:
         """An inference Pipeline over the current (EMA) weights, with this run's canvas conventions,
         on the training mesh (the weights stay where they are; the batch is rounded up to a
         multiple of data x fsdp, padded as any partial batch is)."""
+        from pico_jax.parallel import data_parallel_size
         from pico_jax.pipeline import Pipeline
 
-        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        dp = data_parallel_size(self.mesh)
         return Pipeline(self.model(use_ema), self.ae, self.text, self.cfg.panel, batch_size=-(-batch_size // dp) * dp,
                         plan=plan or SamplingPlan(steps=self.cfg.sample_steps, mu=0.0),
                         query_hint=self.cfg.query_hint, prediction=self.cfg.prediction, mesh=self.mesh)

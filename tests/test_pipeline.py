@@ -225,7 +225,7 @@ def test_pipeline_on_a_mesh_matches_one_device(spec, batch, model, ae, text, pip
 def test_pipeline_mesh_needs_a_batch_its_data_devices_divide(model, ae, text):
     from pico_jax.parallel import make_mesh
 
-    with pytest.raises(ValueError, match=r"batch_size 4 \(--batch-size\) must be a multiple of the mesh's data x fsdp = 8"):
+    with pytest.raises(ValueError, match=r"--batch-size 4 must be a multiple of the mesh's data x fsdp = 8"):
         Pipeline(model, ae, text, panel=PANEL, batch_size=4, mesh=make_mesh("data=2,fsdp=4"))
 
 

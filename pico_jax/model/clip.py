@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from pico_jax.model.flux import Dense, accumulation_dtype
 from pico_jax.model.t5 import ParamSource, activation, load_from_checkpoint, scan_layers, stack_layers
+from pico_jax.parallel import Placer
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, read_config
 
 Dtype = Any
@@ -208,7 +208,7 @@ def load_clip_text_encoder(
     *,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype | None = None,
-    place: Callable[[str, np.ndarray], jax.Array] | None = None,
+    place: Placer | None = None,
 ) -> CLIPTextEncoder:
     """Load a transformers `CLIPTextModel` checkpoint directory (keys with or without the `text_model.` prefix).
 

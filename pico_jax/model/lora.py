@@ -44,7 +44,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ import numpy as np
 from flax import nnx
 
 from pico_jax.model.flux import Dense, FluxConfig
+from pico_jax.parallel import Placer
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, save_safetensors_atomic
 
 # Attention and MLP projections of every block (both streams of the double blocks; the fused
@@ -69,8 +70,6 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 # the final layer.
 ALL_TARGETS: tuple[str, ...] = (r".*",)
 PRESETS: dict[str, tuple[str, ...]] = {"default": DEFAULT_TARGETS, "all": ALL_TARGETS}
-
-Placer = Callable[[str, np.ndarray], jax.Array]
 
 
 # ----------------------------------------------------------------------------------- discovery

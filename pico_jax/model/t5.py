@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from pico_jax.model.flux import Dense, accumulation_dtype, scan_blocks
+from pico_jax.parallel import Placer
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, check_keys, check_shape, read_config
 
 Dtype = Any
@@ -106,7 +107,7 @@ def load_from_checkpoint(
     ignore: Callable[[str], bool] = lambda k: False,
     aliases: Mapping[str, str] | None = None,
     what: str = "checkpoint",
-    place: Callable[[str, np.ndarray], jax.Array] | None = None,
+    place: Placer | None = None,
 ) -> M:
     """Fill an abstract model (from `nnx.eval_shape`) with tensors from a checkpoint, one tensor at a time.
 
@@ -396,7 +397,7 @@ def load_t5_encoder(
     *,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype | None = None,
-    place: Callable[[str, np.ndarray], jax.Array] | None = None,
+    place: Placer | None = None,
 ) -> T5Encoder:
     """Load a transformers T5 (v1.1) encoder checkpoint directory (`config.json` + safetensors, sharded or not).
 

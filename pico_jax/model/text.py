@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from pico_jax.model.clip import CLIPTextEncoder, load_clip_text_encoder
 from pico_jax.model.t5 import T5Encoder, load_t5_encoder
-from pico_jax.parallel import global_array, param_placer, replicated, shard_state
+from pico_jax.parallel import global_array, param_placer, replicated, shard_module
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, read_config, save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
@@ -189,11 +189,6 @@ def _run_clip_pooled(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, o
     return _constrain(nnx.merge(graphdef, state)(ids)[1], out_sharding)
 
 
-def _on_mesh(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, shard_state(state, mesh))
-
-
 class TextEncoders:
     """T5 + CLIP text encoders with their tokenizers; `encode` gives FluxPipeline's conditioning.
 
@@ -229,7 +224,7 @@ class TextEncoders:
         self.identity = identity
         self.mesh = mesh
         if mesh is not None:  # a no-op for parameters a loader already placed on it
-            t5, clip = _on_mesh(t5, mesh), _on_mesh(clip, mesh)
+            t5, clip = shard_module(t5, mesh), shard_module(clip, mesh)
             self.t5, self.clip = t5, clip
         self._t5_split = nnx.split(t5)
         self._clip_split = nnx.split(clip)
