@@ -2,7 +2,8 @@
 
 Both formats are described by one table per format, built from the model config: for every
 parameter of our model, the source tensors it is made of and how to combine them (concatenate
-q/k/v, transpose torch's (out, in) weights, swap the final modulation's halves). Conversion runs
+q/k/v, transpose torch's (out, in) weights, swap the final modulation's halves, reorder fused
+axes into our head-grouped layout: `pico_jax.model.flux.fused_order`). Conversion runs
 leaf by leaf: a stacked leaf (all 19 or 38 layers) is assembled in host memory, placed on the
 device(s) (sharded when a sharding function is given), and dropped before the next one, so a
 24 GB checkpoint never exists twice in host memory.
@@ -21,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from pico_jax.model.flux import FluxConfig, FluxTransformer, abstract_model
+from pico_jax.model.flux import FluxConfig, FluxTransformer, abstract_model, fused_order
 from pico_jax.parallel import Placer
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, check_keys, check_shape, read_config
 
@@ -33,19 +34,43 @@ class Source:
     keys: checkpoint keys ('{i}' is the layer index for stacked parameters), concatenated along
     torch's output axis; transpose: torch (out, in) weight → our (in, out) kernel;
     swap_halves: exchange the two halves of the output axis (diffusers stores the final
-    modulation as (scale, shift), BFL and we as (shift, scale)).
+    modulation as (scale, shift), BFL and we as (shift, scale)); out_order / in_order: a
+    `fused_order` kind ('qkv', 'linear1', 'linear2') that reorders torch's output / input axis
+    into our head-grouped layout.
     """
 
     keys: tuple[str, ...]
     transpose: bool = False
     swap_halves: bool = False
+    out_order: str | None = None
+    in_order: str | None = None
 
 
-def _linear(target: str, *sources: str, swap: bool = False) -> dict[str, Source]:
+def _linear(target: str, *sources: str, swap: bool = False, out_order: str | None = None,
+            in_order: str | None = None) -> dict[str, Source]:
     return {
-        f"{target}.kernel": Source(tuple(f"{s}.weight" for s in sources), transpose=True, swap_halves=swap),
-        f"{target}.bias": Source(tuple(f"{s}.bias" for s in sources), swap_halves=swap),
+        f"{target}.kernel": Source(tuple(f"{s}.weight" for s in sources), transpose=True, swap_halves=swap,
+                                   out_order=out_order, in_order=in_order),
+        f"{target}.bias": Source(tuple(f"{s}.bias" for s in sources), swap_halves=swap, out_order=out_order),
     }
+
+
+def to_our_order(x: np.ndarray, src: Source, cfg: FluxConfig) -> np.ndarray:
+    """A torch-layout tensor ((out, in) weight or (out,) bias) in checkpoint order → our fused order.
+    An axis of the wrong length is left as it is, for the caller's shape check to report."""
+    return _reorder(x, src, cfg, inverse=False)
+
+
+def _reorder(x: np.ndarray, src: Source, cfg: FluxConfig, inverse: bool) -> np.ndarray:
+    for axis, kind in ((0, src.out_order), (1, src.in_order)):
+        if kind and x.ndim > axis and x.shape[axis] == len(order := fused_order(cfg, kind)):
+            x = np.take(x, np.argsort(order) if inverse else order, axis=axis)
+    return x
+
+
+def to_checkpoint_order(x: np.ndarray, src: Source, cfg: FluxConfig) -> np.ndarray:
+    """The inverse of `to_our_order`."""
+    return _reorder(x, src, cfg, inverse=True)
 
 
 def _norm(target: str, key: str) -> dict[str, Source]:
@@ -69,8 +94,9 @@ def diffusers_table(cfg: FluxConfig) -> dict[str, Source]:
     d = "transformer_blocks.{i}"
     t |= _linear("double_blocks.img.mod", f"{d}.norm1.linear")
     t |= _linear("double_blocks.txt.mod", f"{d}.norm1_context.linear")
-    t |= _linear("double_blocks.img.qkv", f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v")
-    t |= _linear("double_blocks.txt.qkv", f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj")
+    t |= _linear("double_blocks.img.qkv", f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", out_order="qkv")
+    t |= _linear("double_blocks.txt.qkv", f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj",
+                 out_order="qkv")
     t |= _norm("double_blocks.img.q_norm", f"{d}.attn.norm_q.weight")
     t |= _norm("double_blocks.img.k_norm", f"{d}.attn.norm_k.weight")
     t |= _norm("double_blocks.txt.q_norm", f"{d}.attn.norm_added_q.weight")
@@ -83,8 +109,9 @@ def diffusers_table(cfg: FluxConfig) -> dict[str, Source]:
     t |= _linear("double_blocks.txt.mlp_out", f"{d}.ff_context.net.2")
     s = "single_transformer_blocks.{i}"
     t |= _linear("single_blocks.mod", f"{s}.norm.linear")
-    t |= _linear("single_blocks.linear1", f"{s}.attn.to_q", f"{s}.attn.to_k", f"{s}.attn.to_v", f"{s}.proj_mlp")
-    t |= _linear("single_blocks.linear2", f"{s}.proj_out")
+    t |= _linear("single_blocks.linear1", f"{s}.attn.to_q", f"{s}.attn.to_k", f"{s}.attn.to_v", f"{s}.proj_mlp",
+                 out_order="linear1")
+    t |= _linear("single_blocks.linear2", f"{s}.proj_out", in_order="linear2")
     t |= _norm("single_blocks.q_norm", f"{s}.attn.norm_q.weight")
     t |= _norm("single_blocks.k_norm", f"{s}.attn.norm_k.weight")
     return t
@@ -110,7 +137,7 @@ def bfl_table(cfg: FluxConfig) -> dict[str, Source]:
     d = "double_blocks.{i}"
     for stream in ("img", "txt"):
         t |= _linear(f"double_blocks.{stream}.mod", f"{d}.{stream}_mod.lin")
-        t |= _linear(f"double_blocks.{stream}.qkv", f"{d}.{stream}_attn.qkv")
+        t |= _linear(f"double_blocks.{stream}.qkv", f"{d}.{stream}_attn.qkv", out_order="qkv")
         t |= _linear(f"double_blocks.{stream}.proj", f"{d}.{stream}_attn.proj")
         t |= _linear(f"double_blocks.{stream}.mlp_in", f"{d}.{stream}_mlp.0")
         t |= _linear(f"double_blocks.{stream}.mlp_out", f"{d}.{stream}_mlp.2")
@@ -118,8 +145,8 @@ def bfl_table(cfg: FluxConfig) -> dict[str, Source]:
         t |= _norm(f"double_blocks.{stream}.k_norm", f"{d}.{stream}_attn.norm.key_norm.scale")
     s = "single_blocks.{i}"
     t |= _linear("single_blocks.mod", f"{s}.modulation.lin")
-    t |= _linear("single_blocks.linear1", f"{s}.linear1")
-    t |= _linear("single_blocks.linear2", f"{s}.linear2")
+    t |= _linear("single_blocks.linear1", f"{s}.linear1", out_order="linear1")
+    t |= _linear("single_blocks.linear2", f"{s}.linear2", in_order="linear2")
     t |= _norm("single_blocks.q_norm", f"{s}.norm.query_norm.scale")
     t |= _norm("single_blocks.k_norm", f"{s}.norm.key_norm.scale")
     return t
@@ -142,11 +169,12 @@ def expected_keys(table: dict[str, Source], cfg: FluxConfig) -> set[str]:
     return keys
 
 
-def _assemble(reader: SafetensorsReader, src: Source, layer: int | None, np_dtype) -> np.ndarray:
+def _assemble(reader: SafetensorsReader, src: Source, layer: int | None, np_dtype, cfg: FluxConfig) -> np.ndarray:
     parts = [reader[k.format(i=layer)] for k in src.keys]
     x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     if src.swap_halves:
         x = np.concatenate(np.split(x, 2, axis=0)[::-1], axis=0)
+    x = to_our_order(x, src, cfg)
     if src.transpose:
         x = x.T
     return np.asarray(x, dtype=np_dtype)
@@ -184,11 +212,11 @@ def load_state(
         n = _layers_of(name, cfg)
         np_dtype = _np_dtype(target.dtype)
         if n is None:
-            arr = _assemble(reader, src, None, np_dtype)
+            arr = _assemble(reader, src, None, np_dtype, cfg)
         else:
             arr = np.empty(target.shape, np_dtype)
             for i in range(n):
-                arr[i] = _checked(path, name, i, _assemble(reader, src, i, np_dtype), target.shape[1:], src)
+                arr[i] = _checked(path, name, i, _assemble(reader, src, i, np_dtype, cfg), target.shape[1:], src)
         check_shape(path, f"{name} (from {', '.join(src.keys)})", arr.shape, target.shape)
         new_leaves.append((key_path, var.replace(place(name, arr))))
         del arr
@@ -328,6 +356,7 @@ def export_state(model: FluxTransformer, table: dict[str, Source]) -> dict[str, 
             x = value[i] if i is not None else value
             if src.transpose:
                 x = x.T
+            x = to_checkpoint_order(x, src, cfg)
             if src.swap_halves:
                 x = np.concatenate(np.split(x, 2, axis=0)[::-1], axis=0)
             parts = np.split(x, np.cumsum(sizes)[:-1], axis=0) if sizes else [x]

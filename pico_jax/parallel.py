@@ -18,6 +18,7 @@ import collections
 import functools
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 
 import jax
@@ -172,8 +173,22 @@ def shard_module(module, mesh: Mesh):
     """An nnx module with its state placed on the mesh by the rules (a no-op for leaves already there)."""
     from flax import nnx
 
+    heads = getattr(getattr(module, "config", None), "num_heads", None)
+    if isinstance(heads, int):
+        warn_unless_tensor_divides_heads(mesh, heads, type(module).__name__)
     graphdef, state = nnx.split(module)
     return nnx.merge(graphdef, shard_state(state, mesh))
+
+
+def warn_unless_tensor_divides_heads(mesh: Mesh, num_heads: int, what: str = "the transformer") -> None:
+    """Tensor parallelism splits the fused projections' head-grouped columns into contiguous shards;
+    they hold whole heads only when 'tensor' divides the head count. Otherwise results are still
+    right, but every layer reshards its activations and the head loops run unsplit."""
+    t = mesh.shape["tensor"]
+    if t > 1 and num_heads % t:
+        warnings.warn(f"mesh tensor={t} does not divide {what}'s {num_heads} heads, so its shards cut "
+                      f"through heads and every layer reshards its activations; use a tensor size that divides "
+                      f"{num_heads} (or data / fsdp)", stacklevel=3)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -27,7 +27,7 @@ from flax import nnx
 
 from pico_jax import grid
 from pico_jax.flow import flow_loss, flux_mu, interpolate, sample_timesteps
-from pico_jax.model.flux import FluxConfig, FluxTransformer
+from pico_jax.model.flux import PARAM_LAYOUT, FluxConfig, FluxTransformer
 from pico_jax.pipeline import (
     CanvasLayout,
     SamplingPlan,
@@ -36,6 +36,7 @@ from pico_jax.pipeline import (
     fill_condition,
     fill_in_channels,
 )
+from pico_jax.safetensors_io import CheckpointError
 
 
 # --------------------------------------------------------------------------------- config
@@ -331,10 +332,11 @@ class Trainer:
         self._build_state()
 
     def _build_state(self):
-        from pico_jax.parallel import on_mesh, param_placer, shard_state
+        from pico_jax.parallel import on_mesh, param_placer, shard_state, warn_unless_tensor_divides_heads
 
         cfg = self.cfg
         model = build_model(cfg, place=param_placer(self.mesh))
+        warn_unless_tensor_divides_heads(self.mesh, model.config.num_heads)
         expected = fill_in_channels(self.ae)
         if model.config.in_channels != expected:  # checked for loaded bases too, before any tracing
             raise ValueError(f"the transformer takes {model.config.in_channels} input channels; Fill-style conditioning "
@@ -381,7 +383,8 @@ class Trainer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave({"iterator": state_to_bytes(iterator).decode(),
-                                        "rng": {"seed": self.cfg.seed, "fold_in": "step"}}),
+                                        "rng": {"seed": self.cfg.seed, "fold_in": "step"},
+                                        "param_layout": PARAM_LAYOUT}),
             ),
             force=force,
         )
@@ -400,6 +403,13 @@ class Trainer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         restored = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                 data=ocp.args.JsonRestore()))
+        layout = restored["data"].get("param_layout", "bfl-columns")
+        if layout != PARAM_LAYOUT:
+            raise CheckpointError(
+                f"{self.workdir / 'checkpoints' / str(latest)}: written with the {layout!r} parameter layout, this pico_jax uses "
+                f"{PARAM_LAYOUT!r} (fused qkv / linear1 / linear2 columns grouped by head since the eighteenth "
+                "session); its weights would load permuted. Export it with the pico_jax that wrote it "
+                "(Trainer.export or save_lora_diffusers) and start from that file.")
         st = restored["state"]
         self.trainable, self.opt_state, self.step = st["trainable"], self._on_mesh(st["opt_state"]), int(st["step"])
         self.ema = st.get("ema")

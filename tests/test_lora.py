@@ -10,7 +10,7 @@ from flax import nnx
 
 from pico_jax import load_flux_transformer
 from pico_jax.convert import bfl_table
-from pico_jax.model.flux import Dense, FluxConfig, abstract_model
+from pico_jax.model.flux import Dense, FluxConfig, abstract_model, fused_order
 from pico_jax.model.lora import (
     DEFAULT_TARGETS,
     add_lora,
@@ -45,6 +45,11 @@ def base(tmp_path_factory):
 
 
 _forward = jax.jit(lambda state, inputs, graphdef: nnx.merge(graphdef, state)(**inputs), static_argnames="graphdef")
+
+
+def in_checkpoint_order(x, cfg, kind, axis):
+    """One of our fused axes (head-grouped, `fused_order`) back in the checkpoints' [q | k | v | mlp] order."""
+    return np.take(x, np.argsort(fused_order(cfg, kind)), axis=axis) if kind else x
 
 
 def forward(model, inputs):
@@ -177,7 +182,7 @@ def test_exported_lora_loads_into_diffusers(base, tmp_path):
     with safe_open(str(f), "np") as h:
         keys, meta = set(h.keys()), h.metadata()
         qkv_a = np.asarray(model.double_blocks.img.qkv.lora_a[...])[1]
-        qkv_b = np.asarray(model.double_blocks.img.qkv.lora_b[...])[1] * 2.0
+        qkv_b = in_checkpoint_order(np.asarray(model.double_blocks.img.qkv.lora_b[...])[1] * 2.0, model.config, "qkv", 1)
         for j, proj in enumerate(("to_q", "to_k", "to_v")):
             k = f"transformer.transformer_blocks.1.attn.{proj}"
             np.testing.assert_array_equal(h.get_tensor(f"{k}.lora_A.weight"), qkv_a.T)  # same A for q, k, v
@@ -255,7 +260,7 @@ def test_peft_lora_imports_exactly(base, tmp_path, how):
         assert paths == ["double_blocks.img.qkv", "double_blocks.txt.qkv", "single_blocks.linear1"]
         # distinct A per projection: fused as [A_q | A_v] (rank 6) with a block-diagonal B
         assert model.double_blocks.img.qkv.lora_a.shape == (2, 32, 6)
-        b = np.asarray(model.double_blocks.img.qkv.lora_b[...])
+        b = in_checkpoint_order(np.asarray(model.double_blocks.img.qkv.lora_b[...]), model.config, "qkv", 2)
         assert not b[0].any() and not b[1, :3, 32:].any() and not b[1, 3:, :64].any()
     else:
         assert model.double_blocks.img.qkv.lora_a.shape == (2, 32, 4 + 2 + 4)
@@ -298,8 +303,10 @@ def test_kohya_format_with_alpha(base, tmp_path):
     for path, dense in dense_layers(model).items():
         if dense.lora_a is None:
             continue
-        (key,) = table[f"{path}.kernel"].keys
-        a, b = np.asarray(dense.lora_a[...]), np.asarray(dense.lora_b[...])
+        src = table[f"{path}.kernel"]
+        (key,) = src.keys
+        a = in_checkpoint_order(np.asarray(dense.lora_a[...]), model.config, src.in_order, -2)
+        b = in_checkpoint_order(np.asarray(dense.lora_b[...]), model.config, src.out_order, -1)
         for i in range(a.shape[0]) if a.ndim == 3 else [None]:
             name = "lora_unet_" + key[: -len(".weight")].format(i=i).replace(".", "_")
             ai, bi = (a[i], b[i]) if i is not None else (a, b)

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from pico_jax.model.flux import FluxConfig
+from pico_jax.safetensors_io import CheckpointError
 from pico_jax.trainer import NonFiniteLoss, TrainConfig, Trainer, apply_overrides, export_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def test_sharded_step_equals_single_device():
     loss1, before1, after1 = _one_step(micro(mesh="data=1"), devices=jax.devices()[:1])
     changed = sum(not np.array_equal(after1[k], before1[k]) for k in after1)
     assert changed > 0.9 * len(after1)  # full fine-tuning updates (nearly) every parameter
-    for mesh in ["data=8", "fsdp=8", "data=2,fsdp=4"]:
+    for mesh in ["data=8", "fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2"]:
         loss8, before8, after8 = _one_step(micro(mesh=mesh))
         assert loss8 == pytest.approx(loss1, rel=1e-5), mesh
         for k in after1:
@@ -120,6 +121,15 @@ def test_resume_is_exact(tmp_path):
         assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
     for k, v in _flat(straight.trainable).items():
         np.testing.assert_array_equal(v, _flat(second.trainable)[k], err_msg=k)
+
+    # A checkpoint from before the head-grouped layout (no 'param_layout' recorded) is refused, not
+    # resumed with its fused columns permuted.
+    (data,) = [f for f in (tmp_path / "b" / "checkpoints" / "6").rglob("*") if f.is_file() and b'"param_layout"' in f.read_bytes()]
+    old = json.loads(data.read_text())
+    del old["param_layout"]
+    data.write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match="'bfl-columns' parameter layout"):
+        Trainer(micro(mesh="fsdp=8", ema_decay=0.9, steps=7), tmp_path / "b", progress=False).run()
 
 
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path):

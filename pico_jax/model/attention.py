@@ -161,6 +161,34 @@ def product_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype) if jnp.dtype(dtype) in NARROW_FLOATS else jnp.dtype(jnp.float32)
 
 
+def head_groups(num_heads: int) -> int:
+    """How many groups the context mesh's 'tensor' axis splits the heads into (1 without one, or
+    when it does not divide the heads): the head loops run over the heads of one group at a time,
+    all groups together, so each device loops over its own heads."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "tensor" not in mesh.axis_names:
+        return 1
+    t = mesh.shape["tensor"]
+    return t if t > 1 and num_heads % t == 0 else 1
+
+
+def map_heads(fn, xs):
+    """`jax.lax.map(fn, xs)` over heads-first arrays (H, ...), tensor-parallel aware.
+
+    A loop over the heads axis cannot be split across devices: with heads sharded over 'tensor',
+    XLA's partitioner gathers every head onto every device and each computes them all (an
+    all-gather of q, k and v per layer: 72 of the 104 GiB a tensor=8 FLUX.1-dev forward
+    gathered, benchmarks/RESULTS.md, eighteenth session). With g head groups the loop runs over
+    H / g steps and each step is vmapped over the g groups, whose axis stays sharded."""
+    h = jax.tree.leaves(xs)[0].shape[0]
+    g = head_groups(h)
+    if g == 1:
+        return jax.lax.map(fn, xs)
+    grouped = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(g, h // g, *x.shape[1:]), 0, 1), xs)
+    out = jax.lax.map(jax.vmap(fn), grouped)  # (H / g, g, ...)
+    return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(h, *y.shape[2:]), out)
+
+
 def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Head-by-head attention forward; returns (out (B, N, H, D), logsumexp (H, B, N) fp32).
 
@@ -181,7 +209,7 @@ def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Arr
                          preferred_element_type=jnp.float32) / total
         return out.astype(q.dtype), (m + jnp.log(total))[..., 0]
 
-    out, lse = jax.lax.map(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)))
+    out, lse = map_heads(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)))
     return jnp.moveaxis(out, 0, 2), lse
 
 
@@ -243,7 +271,7 @@ def _headwise_bwd(residuals, d_out):
 
     heads_first = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, d_out))  # (H, B, N, D)
     k_t = jnp.transpose(k, (2, 0, 3, 1))  # (H, B, D, N)
-    dq_t, dk, dv = jax.lax.map(one_head, (*heads_first, lse, jnp.moveaxis(delta, 2, 0), k_t))
+    dq_t, dk, dv = map_heads(one_head, (*heads_first, lse, jnp.moveaxis(delta, 2, 0), k_t))
     dq = jnp.transpose(dq_t, (0, 1, 3, 2))
     return tuple(jnp.moveaxis(g, 0, 2) for g in (dq, dk, dv))  # already in the inputs' dtypes
 
@@ -312,7 +340,7 @@ def explicit_attention(
         return out.astype(q.dtype), group_mass, key_map
 
     per_head = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v))  # (H, B, N, D)
-    out, group_mass, key_map = jax.lax.map(one_head, per_head)
+    out, group_mass, key_map = map_heads(one_head, per_head)
     out = jnp.moveaxis(out, 0, 2)  # (B, N, H, D)
     on = jnp.asarray(capture_on, jnp.float32)
     return out, (group_mass.mean(0) * on, key_map.mean(0) * on)

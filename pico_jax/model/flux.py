@@ -1,9 +1,14 @@
 """The FLUX.1 transformer in Flax NNX: double-stream and single-stream blocks, 3-axis RoPE,
 AdaLN modulation, QK RMS-norm, scanned layer stacks with optional rematerialization.
 
-Parameters follow the BFL layout (fused QKV; single-block `linear1` = [q, k, v, mlp]), which
-is also the fastest: one matmul where diffusers issues three or four. `pico_jax.convert` maps
-diffusers and BFL checkpoints onto it. Kernels are (in, out).
+Parameters follow the BFL fusion (fused QKV; single-block `linear1` = q, k, v and mlp), which
+is also the fastest: one matmul where diffusers issues three or four. The fused columns are
+*head-grouped* (`fused_order`): head h's q, k and v (and, in linear1, its 1/H share of the MLP)
+sit side by side, and linear2's rows follow the same grouping. A contiguous split of the columns
+over the 'tensor' mesh axis then gives every device whole heads, so Megatron-style tensor
+parallelism needs no resharding; BFL's [q | k | v | mlp] order split that way cut through heads
+(benchmarks/RESULTS.md, eighteenth session). `pico_jax.convert` maps diffusers and BFL
+checkpoints onto it. Kernels are (in, out).
 
 The forward takes diffusers' `FluxTransformer2DModel.forward` arguments by the same names and
 with the same meaning (timestep and guidance in [0, 1] model units, multiplied by 1000 inside).
@@ -71,6 +76,9 @@ class FluxConfig:
             raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to head_dim {self.head_dim}")
         if any(d % 2 for d in self.axes_dims_rope):
             raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must all be even")
+        if self.mlp_width % self.num_heads:
+            raise ValueError(f"mlp width {self.mlp_width} must be a multiple of num_heads {self.num_heads} "
+                             "(the single blocks group the MLP columns by head)")
 
     def replace(self, **kw) -> "FluxConfig":
         return dataclasses.replace(self, **kw)
@@ -134,6 +142,38 @@ class FluxConfig:
 
 
 # --------------------------------------------------------------------------------------- layers
+FUSED_LAYOUTS = ("qkv", "linear1", "linear2")
+# The name of this parameter layout, kept with training checkpoints (which hold our arrays as they
+# are): one written under another layout must not be resumed as if it were this one.
+PARAM_LAYOUT = "head-grouped-v1"
+
+
+@functools.lru_cache(maxsize=32)
+def fused_order(cfg: "FluxConfig", kind: str) -> np.ndarray:
+    """Our head-grouped order of a fused axis, as indices into the checkpoints' order:
+    ours[j] = checkpoint[order[j]] along that axis.
+
+    kind 'qkv': the double blocks' qkv output, checkpoint [q | k | v] → per head [q_h, k_h, v_h].
+    kind 'linear1': the single blocks' linear1 output, [q | k | v | mlp] → per head
+      [q_h, k_h, v_h, mlp_h] (mlp_h: the h-th of H equal slices of the MLP width).
+    kind 'linear2': the single blocks' linear2 *input*, [attention | mlp] → per head [attn_h, mlp_h].
+    """
+    H, hd, D, M = cfg.num_heads, cfg.head_dim, cfg.width, cfg.mlp_width
+    qkv = np.arange(3 * D).reshape(3, H, hd).transpose(1, 0, 2).reshape(H, 3 * hd)
+    mlp = np.arange(M).reshape(H, M // H)
+    if kind == "qkv":
+        order = qkv
+    elif kind == "linear1":
+        order = np.concatenate([qkv, 3 * D + mlp], axis=1)
+    elif kind == "linear2":
+        order = np.concatenate([np.arange(D).reshape(H, hd), D + mlp], axis=1)
+    else:
+        raise ValueError(f"unknown fused layout {kind!r}; one of {FUSED_LAYOUTS}")
+    order = order.reshape(-1)
+    order.flags.writeable = False  # cached: shared by every caller
+    return order
+
+
 class Dense(nnx.Module):
     """A linear layer y = x·W + b with an optional LoRA branch (x·A)·B · (alpha / rank).
 
@@ -464,8 +504,8 @@ class StreamParams(nnx.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
         h = modulate(x, shift1, scale1)
         b, n, _ = h.shape
-        q, k, v = jnp.split(self.qkv(h).reshape(b, n, 3, heads, -1), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        q, k, v = jnp.split(self.qkv(h).reshape(b, n, heads, 3, -1), 3, axis=3)  # head-grouped columns
+        q, k, v = q[:, :, :, 0], k[:, :, :, 0], v[:, :, :, 0]
         return (self.q_norm(q), self.k_norm(k), v), (gate1, shift2, scale2, gate2)
 
     def post_attention(self, x, attn, mods):
@@ -512,12 +552,14 @@ class SingleBlock(nnx.Module):
         shift, scale, gate = jnp.split(self.mod(jax.nn.silu(vec))[:, None, :], 3, axis=-1)
         h = self.linear1(modulate(x, shift, scale))
         b, n, _ = h.shape
-        qkv, mlp = split_columns(h, 3 * self.width)
-        q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, -1), 3, axis=2)
-        q = apply_rope(self.q_norm(q[:, :, 0]), cos, sin)
-        k = apply_rope(self.k_norm(k[:, :, 0]), cos, sin)
-        out, stats = attention(q, k, v[:, :, 0], hooks, capture_on, edit_on)
-        return x + gate * self.linear2(concatenate_columns(out, gelu_tanh(mlp))), stats
+        hd = self.width // self.heads  # columns are head-grouped: per head [q, k, v, mlp share]
+        qkv, mlp = split_columns(h.reshape(b, n, self.heads, -1), 3 * hd)
+        q, k, v = jnp.split(qkv.reshape(b, n, self.heads, 3, hd), 3, axis=3)
+        q = apply_rope(self.q_norm(q[:, :, :, 0]), cos, sin)
+        k = apply_rope(self.k_norm(k[:, :, :, 0]), cos, sin)
+        out, stats = attention(q, k, v[:, :, :, 0], hooks, capture_on, edit_on)
+        joined = concatenate_columns(out.reshape(b, n, self.heads, hd), gelu_tanh(mlp)).reshape(b, n, -1)
+        return x + gate * self.linear2(joined), stats
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

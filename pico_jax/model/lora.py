@@ -55,7 +55,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from pico_jax.model.flux import Dense, FluxConfig
+from pico_jax.model.flux import Dense, FluxConfig, fused_order
 from pico_jax.parallel import Placer
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, save_safetensors_atomic
 
@@ -248,16 +248,25 @@ def _part_sizes(n_keys: int, dout: int, cfg: FluxConfig) -> list[int]:
     raise ValueError(f"no split for a layer fused from {n_keys} projections")
 
 
-def _module_table(model, layers: dict[str, Dense], table: dict) -> dict[str, list[tuple[list[str], bool]]]:
-    """Our Dense path → (module names per layer/part, swap) from a convert.py table."""
+def _module_table(model, layers: dict[str, Dense], table: dict) -> dict[str, tuple[list[str], Any]]:
+    """Our Dense path → (module names per layer/part, the kernel's convert.Source) from a convert.py table."""
     out = {}
     for path, dense in layers.items():
         src = table.get(f"{path}.kernel")
         if src is None:
             continue
         templates = [k[: -len(".weight")] for k in src.keys]
-        out[path] = (templates, src.swap_halves)
+        out[path] = (templates, src)
     return out
+
+
+def _reorder(x: np.ndarray, kind: str | None, axis: int, inverse: bool, cfg: FluxConfig) -> np.ndarray:
+    """Checkpoint order → our head-grouped order of a fused axis (or back, inverse=True);
+    see `pico_jax.model.flux.fused_order`."""
+    if not kind:
+        return x
+    order = fused_order(cfg, kind)
+    return np.take(x, np.argsort(order) if inverse else order, axis=axis)
 
 
 def _layer_range(dense: Dense):
@@ -273,7 +282,8 @@ def _name_map(model) -> dict[str, _Target]:
     layers = dense_layers(model)
     names: dict[str, _Target] = {}
     for table, naming in ((diffusers_table(cfg), "diffusers"), (bfl_table(cfg), "bfl")):
-        for path, (templates, swap) in _module_table(model, layers, table).items():
+        for path, (templates, src) in _module_table(model, layers, table).items():
+            swap = src.swap_halves
             for i in _layer_range(layers[path]):
                 for j, t in enumerate(templates):
                     name = t.format(i=i) if i is not None else t
@@ -307,7 +317,7 @@ def lora_state_dict_diffusers(
             continue
         if path not in modules:
             raise ValueError(f"LoRA on {path!r} has no diffusers equivalent")
-        templates, swap = modules[path]
+        templates, src = modules[path]
         a_all = np.asarray(_value(dense.lora_a), np.float32)
         b_all = np.asarray(_value(dense.lora_b), np.float32) * np.float32(dense.lora_scale)
         stacked = a_all.ndim == 3
@@ -315,8 +325,9 @@ def lora_state_dict_diffusers(
             a_all, b_all = a_all[None], b_all[None]
         L, R, dout = b_all.shape
         # B in torch layout (L, out, R), diffusers' output order, split into the projections.
-        bt = np.swapaxes(b_all, 1, 2)
-        if swap:
+        bt = _reorder(np.swapaxes(b_all, 1, 2), src.out_order, 1, True, cfg)
+        a_all = _reorder(a_all, src.in_order, 1, True, cfg)
+        if src.swap_halves:
             bt = np.concatenate(np.split(bt, 2, axis=1)[::-1], axis=1)
         sizes = _part_sizes(len(templates), dout, cfg)
         parts = np.split(bt, np.cumsum(sizes)[:-1], axis=1)
@@ -519,7 +530,10 @@ def load_lora(
         grouped.setdefault(target.path, {})[(target.layer, target.part)] = (a.T, b.T, scale, kinds, target.nparts)
 
     # 3. Fuse per Dense and attach or merge.
+    from pico_jax.convert import diffusers_table
+
     cfg = model.config
+    orders = diffusers_table(cfg)
     plan = []
     for dpath, entries in sorted(grouped.items()):
         dense = layers[dpath]
@@ -570,6 +584,10 @@ def load_lora(
             r = a.shape[1]
             A[li, :, col[j] : col[j] + r] = a
             B[li, col[j] : col[j] + r, offsets[j] : offsets[j + 1]] = b * (s / common)
+        src = orders.get(f"{dpath}.kernel")  # into our head-grouped layout (qkv, linear1, linear2)
+        if src is not None:
+            A = _reorder(A, src.in_order, 1, False, cfg)
+            B = _reorder(B, src.out_order, 2, False, cfg)
         if not stacked:
             A, B = A[0], B[0]
         plan.append((dpath, dense, A, B, common))
