@@ -293,7 +293,7 @@ def test_evaluation_on_a_mesh_matches_one_device(checkpoint, evaluated, tmp_path
     from pico_jax.parallel import make_mesh
 
     res, _ = evaluated
-    pipe = load_pico(checkpoint, batch_size=2, mesh=make_mesh("data=2,fsdp=1,tensor=4"))
+    pipe = load_pico(checkpoint, batch_size=4, mesh=make_mesh("data=2,fsdp=2,tensor=2"))
     got = ev.evaluate(pipe, list(FAMS), EPISODES, SEEDS, steps=2, score_steps=1, out_dir=tmp_path, n_boot=1000,
                       sheet_episodes=2, progress=False)
     want, have = _numbers(res["families"]), _numbers(got["families"])

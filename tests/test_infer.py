@@ -300,12 +300,13 @@ def test_consensus_scorer_flag(tmp_path, imgs, checkpoint, capsys):
 
 
 def test_mesh_flag_paints_what_one_device_paints(tmp_path, imgs, checkpoint, capsys):
-    """--mesh data=2 --batch-size 2: two queries, one per device; the same PNGs and seeds as one device."""
+    """--mesh data=2,fsdp=2,tensor=2 --batch-size 4: two queries (padded to four), one per data x fsdp
+    device, one head per tensor device; the same PNGs and seeds as one device at batch size 2."""
     runs = {}
-    for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,fsdp=1,tensor=4"])):
+    for name, extra in (("one", ["--batch-size", "2"]), ("mesh", ["--mesh", "data=2,fsdp=2,tensor=2", "--batch-size", "4"])):
         out = tmp_path / name
         rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
-                   "--query", imgs["b2"], "--out", str(out), "--batch-size", "2", "--no-progress", *extra])
+                   "--query", imgs["b2"], "--out", str(out), "--no-progress", *extra])
         assert rc == 0, capsys.readouterr().err
         runs[name] = out
     assert _files(runs["one"]) == _files(runs["mesh"])
@@ -325,7 +326,7 @@ def test_mesh_run_writes_only_from_the_first_process(tmp_path, imgs, checkpoint,
     monkeypatch.setattr(jax, "process_index", lambda *a: 1)
     out = tmp_path / "out"
     rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
-               "--out", str(out), "--batch-size", "2", "--mesh", "data=2,fsdp=1,tensor=4", "--no-progress"])
+               "--out", str(out), "--batch-size", "4", "--mesh", "data=2,fsdp=2,tensor=2", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert not out.exists()
 
