@@ -329,15 +329,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def maybe_initialize_distributed() -> bool:
     """Start multi-host JAX when launched as one process of many.
 
-    Runs `jax.distributed.initialize()` when a coordinator is configured (JAX_COORDINATOR_ADDRESS,
-    or a cluster JAX auto-detects: SLURM, Open MPI, TPU pod slices via PICO_MULTIHOST=1). Returns
-    True when more than one process takes part. Call it before touching any device.
+    Runs `jax.distributed.initialize()` when the environment configures it:
+      * by hand: JAX_COORDINATOR_ADDRESS (host:port of process 0) with JAX_NUM_PROCESSES and
+        JAX_PROCESS_ID (JAX itself reads only the address and leaves the other two to a cluster);
+      * a cluster JAX auto-detects: SLURM, Open MPI, or TPU pod slices (set PICO_MULTIHOST=1).
+    Returns True when more than one process takes part. Call it before touching any device. On
+    CPU hosts the processes need JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo to reduce across each other.
+    Already initialized (a second call): nothing to do.
     """
     wanted = any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "PICO_MULTIHOST")) or (
         int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     )
-    if wanted:
-        jax.distributed.initialize()
+    if wanted and not jax.distributed.is_initialized():
+        kw = {}
+        for flag, key in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            if os.environ.get(key):
+                try:
+                    kw[flag] = int(os.environ[key])
+                except ValueError:
+                    raise MeshError(f"{key}={os.environ[key]!r} is not an integer") from None
+        jax.distributed.initialize(**kw)
     return jax.process_count() > 1
 
 

@@ -457,12 +457,13 @@ class Trainer:
 
         pipe = self.pipeline(SamplingPlan(steps=self.cfg.sample_steps, seeds=1, keep=1, selection="random", mu=0.0),
                              batch_size=n)
-        path.parent.mkdir(parents=True, exist_ok=True)
         a, a2, b, b2 = (np.asarray(batch[k][:n]) * 0.5 + 0.5 for k in ("A", "A_out", "B", "B_out"))
         canvases = [grid.compose(a[i], a2[i], b[i], panel=self.cfg.panel) for i in range(len(a))]
-        res = pipe.run_canvases(canvases, pipe.plan)
-        rows = [np.concatenate([a[i], a2[i], b[i], r.image, b2[i]], 1) for i, r in enumerate(res)]
-        save_png_atomic(np.concatenate(rows, 0), path)
+        res = pipe.run_canvases(canvases, pipe.plan)  # on every process: the sampler is one collective program
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = [np.concatenate([a[i], a2[i], b[i], r.image, b2[i]], 1) for i, r in enumerate(res)]
+            save_png_atomic(np.concatenate(rows, 0), path)
 
     # --- main loop -------------------------------------------------------------------------
     def run(self) -> dict:
@@ -471,16 +472,20 @@ class Trainer:
         from pico_jax.parallel import batch_sharding
 
         cfg = self.cfg
+        # Every process of a multi-host run executes this loop (the steps and checkpoints are
+        # collective); only the first writes the logs, the metrics and the sample sheets.
+        logs = jax.process_index() == 0
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2, default=str))
+        if logs:
+            (self.workdir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2, default=str))
         dataset = make_data(cfg)
         iterator = iter(dataset)
         mngr = self._manager()
         resumed = self.restore(mngr, iterator)
         metrics_path = self.workdir / "metrics.jsonl"
-        if resumed:
+        if resumed and logs:
             _truncate_metrics(metrics_path, self.step)
-        writer = _tensorboard(self.workdir)
+        writer = _tensorboard(self.workdir) if logs else None
         stop = {"signal": None}
         old = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
         shard = lambda x: jax.make_array_from_process_local_data(batch_sharding(self.mesh, x.ndim), x)
@@ -489,14 +494,14 @@ class Trainer:
         sample_batch = None
         status = "finished"
         try:
-            with open(metrics_path, "a") as mf:
+            with open(metrics_path if logs else os.devnull, "a") as mf:
                 while self.step < cfg.steps:
                     if stop["signal"] is not None:
                         status = "preempted"
                         break
                     host = next(iterator)
                     if sample_batch is None:
-                        sample_batch = host
+                        sample_batch = _first_of_global_batch(host, 4)
                     batch = {k: shard(v) for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
                     self.trainable, self.opt_state, self.ema, m = self.step_fn(
                         self.trainable, self.frozen, self.opt_state, self.ema, batch, jnp.int32(self.step)
@@ -538,6 +543,17 @@ class Trainer:
         if status == "finished" and sample_batch is not None:
             self.save_samples(sample_batch, self.workdir / "samples" / f"step_{self.step:06d}.png")
         return {"status": status, "step": self.step}
+
+
+def _first_of_global_batch(host: dict, n: int) -> dict:
+    """The first n examples of the global batch, the same on every process (the hosts' batches
+    gathered; one host: its own batch), so every process samples the same preview sheet."""
+    panels = {k: host[k] for k in ("A", "A_out", "B", "B_out")}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        panels = multihost_utils.process_allgather(panels, tiled=True)
+    return {k: np.asarray(v[:n]) for k, v in panels.items()}
 
 
 def _truncate_metrics(path: Path, step: int):

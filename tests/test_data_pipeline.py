@@ -282,6 +282,32 @@ def test_sharding_partitions_each_epoch(n):
     np.testing.assert_array_equal(b["task_id"], np.array(_ids([b])) % 2)
 
 
+@pytest.mark.parametrize("num_epochs", [None, 1])
+def test_hosts_side_by_side_read_what_one_host_reads(num_epochs):
+    """Two hosts' batches, concatenated as the trainer's global batch lays them out, are exactly one
+    host's batch of twice the size (augmentation included): the data does not depend on the host count."""
+    from pico_jax.data.input_pipeline import make_dataset
+
+    class Noisy(_IndexSource):  # random pixels, so every crop, flip and swap shows
+        def __getitem__(self, i):
+            a, b = np.random.default_rng(i).integers(0, 256, (2, 12, 12, 3), np.uint8)
+            return dict(A=a, A_out=255 - a, B=b, B_out=255 - b, task_name=f"t{i % 2}", augment_flip=True)
+
+    src = Noisy(23)
+    kw = dict(seed=3, image_size=8, num_epochs=num_epochs, drop_remainder=False)
+    one = list(make_dataset(src, batch_size=6, shard_index=0, shard_count=1, **kw)) if num_epochs else \
+        _batches(make_dataset(src, batch_size=6, shard_index=0, shard_count=1, **kw), 9)
+    hosts = [list(make_dataset(src, batch_size=3, shard_index=h, shard_count=2, **kw)) if num_epochs else
+             _batches(make_dataset(src, batch_size=3, shard_index=h, shard_count=2, **kw), 9) for h in range(2)]
+    if num_epochs:  # 23 → 22 (a multiple of the hosts): 3 full global batches and a last one of 4, 2 per host
+        assert [len(b["A"]) for b in hosts[0]] == [3, 3, 3, 2] == [len(b["A"]) for b in hosts[1]]
+        one[-1] = {k: v[:4] for k, v in one[-1].items()}
+    assert len(one) == len(hosts[0]) == len(hosts[1])
+    for k, (whole, h0, h1) in enumerate(zip(one, *hosts)):
+        for key in ("A", "A_out", "B", "B_out", "task_id"):
+            np.testing.assert_array_equal(np.concatenate([h0[key], h1[key]]), whole[key], err_msg=f"batch {k} {key}")
+
+
 def test_augmentation_keeps_pixelwise_relation(built):
     from pico_jax.data.input_pipeline import make_dataset
     from pico_jax.data.visrel import load_visrel

@@ -25,9 +25,13 @@ state is just a position and training resumes on exactly the next batch)::
            -> to_iter_dataset(threads) -> batch(drop_remainder) [-> mp_prefetch(workers)]
 
 * Global shuffle: all hosts apply the same per-epoch permutation (a different one each epoch) of
-  the whole source and host ``h`` of ``P`` takes global positions ``h, h + P, ...`` -- the hosts
-  partition every epoch disjointly. With a finite ``num_epochs`` the stream is first truncated to
-  a multiple of ``P`` so all hosts yield the same number of batches.
+  the whole source, and the global stream is cut into global batches of ``P * b`` positions, of
+  which host ``h`` of ``P`` takes the ``h``-th block of ``b``: the hosts partition every epoch
+  disjointly, and the global batch (the hosts' batches side by side, as
+  ``jax.make_array_from_process_local_data`` lays them out) is exactly the batch one host with
+  batch size ``P * b`` reads, in the same order -- so a run's data does not depend on how many
+  hosts share it. With a finite ``num_epochs`` the stream is first truncated to a multiple of
+  ``P`` (a last partial global batch is split evenly) so all hosts yield the same number of batches.
 * Augmentation (``augment=True``), with a generator seeded by (seed, global position), so
   different per epoch and host but reproducible: with probability ``swap_prob`` the exemplar and
   query swap, ``(A, A') <-> (B, B')``; one random crop (area fraction ``crop_scale`` of the
@@ -57,6 +61,7 @@ arrays ``A, A_out, B, B_out``)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any, Callable, Iterator, Sequence
@@ -287,7 +292,8 @@ def make_dataset(
     total = len(ds)
     if num_epochs is not None:
         total -= total % shard_count
-    ds = ds[shard_index:total:shard_count]
+    positions = _HostPositions(total, batch_size, shard_count, shard_index)
+    ds = grain.MapDataset.range(len(positions)).map(_Read(ds, positions))
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     ids = ids.batch(batch_size, drop_remainder=drop_remainder)
     if worker_count > 0:
@@ -299,6 +305,41 @@ def make_dataset(
             flags.FLAGS.mark_as_parsed()
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return EpisodeDataset(ids, names, batch_size, shard_index, shard_count, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HostPositions:
+    """Host ``host`` of ``hosts``: its j-th element is global stream position ``self[j]`` (see the
+    module docstring: block ``host`` of every global batch of ``hosts * batch`` positions)."""
+
+    total: int
+    batch: int
+    hosts: int
+    host: int
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.total, self.batch * self.hosts)
+        return full * self.batch + rest // self.hosts
+
+    def __getitem__(self, j: int) -> int:
+        b, global_batch = self.batch, self.batch * self.hosts
+        k, r = divmod(j, b)
+        full = self.total // global_batch
+        if k < full:
+            return k * global_batch + self.host * b + r
+        tail = (self.total - full * global_batch) // self.hosts  # the last, partial global batch
+        return full * global_batch + self.host * tail + (j - full * b)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Read:
+    """Index j of this host's stream → the element at its global position (picklable, for workers)."""
+
+    ds: Any
+    positions: _HostPositions
+
+    def __call__(self, j: int) -> Any:
+        return self.ds[self.positions[int(j)]]
 
 
 # ------------------------------------------------------------------------------------------------
