@@ -62,7 +62,7 @@ examples:
   python infer.py --manifest triples.jsonl --out out/ --batch-size 16 --mesh data=8
 
   # on 2 hosts of 8 GPUs: the same command on each (i = 0, 1); only host 0 writes out/
-  JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=$i \
+  JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=$i \\
       python infer.py --manifest triples.jsonl --out out/ --batch-size 32 --mesh data=16
 
 Images may be PNG/JPEG/... of any size; grayscale, RGBA (composited on white) and 16-bit

@@ -32,7 +32,7 @@ examples:
   # multi-host: run the same command on every host (jax.distributed is initialized from the
   # environment: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM or Open MPI,
   # or PICO_MULTIHOST=1 on TPU pods); e.g. on host i of 2:
-  JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=$i \
+  JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=$i \\
       python train.py --config configs/pico_tiny.py --workdir /shared/run --mesh data=2,fsdp=8
 """
 
