@@ -448,7 +448,10 @@ def evaluate(
     }
     results["summary"] = summarize(results["families"], n_boot=n_boot, seed=stats_seed)
     results = _jsonable(results)
-    if out_dir is not None:
+    import jax
+
+    # Over several processes every one holds the same (replicated) results; the first writes them.
+    if out_dir is not None and jax.process_index() == 0:
         write_outputs(results, out_dir, sheet_rows)
     return results
 
@@ -836,10 +839,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             mesh = mesh_for_cli(args.mesh, args.batch_size)
         except MeshError as e:
             return fail(str(e))
-        import jax
-
-        if jax.process_count() > 1:
-            return fail("--mesh over several processes is not supported by the evaluation (use one host's devices)")
     try:
         pipe = load_pico(args.checkpoint, batch_size=args.batch_size, mesh=mesh)
     except CheckpointError as e:
@@ -856,17 +855,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                        panel_size=args.panel_size, sample_seed=args.sample_seed, episode_offset=args.episode_offset,
                        ensemble_keep=args.ensemble_keep, n_boot=args.bootstrap, sheet_episodes=args.sheet_episodes, out_dir=args.out,
                        split=None if args.families else args.split,
-                       progress=not args.no_progress,
+                       progress=not args.no_progress and _first_process(),
                        settings_extra={"checkpoint": str(args.checkpoint or "bundled pico-tiny"),
                                        "checkpoint_sha256": checkpoint_fingerprint(args.checkpoint)})
     except ValueError as e:  # e.g. --score-steps > --steps
         return fail(str(e))
+    if not _first_process():
+        return 0
     beats = res["summary"]["beats_best_baseline"]
     b = beats["ours_early"]
     ens = f", ensemble (early) on {beats['ensemble_early']['count']}" if "ensemble_early" in beats else ""
     print(f"ours (early) beats the best no-learning baseline on {b['count']} of {b['of']} families{ens}; "
           f"wrote {args.out}/results.json, results.md, sheet_{res['settings']['split']}.png")
     return 0
+
+
+def _first_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 if __name__ == "__main__":

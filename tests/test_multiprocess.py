@@ -2,7 +2,7 @@
 collectives), started the way a cluster starts them (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID), against one process holding the same 4 devices. Inference writes from the first
 process only and paints the same images; training logs once and follows the same losses, through a
-checkpoint and a resume."""
+checkpoint and a resume; the evaluation reports the same numbers."""
 
 import json
 import os
@@ -94,3 +94,16 @@ def test_two_process_training_follows_one_process_through_a_resume(tmp_path):
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["3", "5"]
     assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["step_000003.png", "step_000005.png"]
+
+
+def test_two_process_evaluation_reports_what_one_process_reports(tmp_path):
+    args = ["-m", "pico_jax.eval", "--families", "denoise,recolor", "--episodes", "2", "--seeds", "3", "--steps", "3",
+            "--score-steps", "1", "--batch-size", "4", "--mesh", "data=2,fsdp=2", "--no-progress", "--bootstrap", "200"]
+    two = _run_processes([*args, "--out", str(tmp_path / "two")], 2)
+    _run_one([*args, "--out", str(tmp_path / "one")])
+    assert "wrote" in two[0].stdout and "wrote" not in two[1].stdout
+    one_res, two_res = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("one", "two"))
+    for r in (one_res, two_res):
+        r["settings"].pop("seconds")
+    assert two_res == one_res
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["results.json", "results.md", "sheet_train.png"]
