@@ -39,6 +39,10 @@ def main(argv=None):
     ap.add_argument("--remat", choices=("full", "dots", "nothing", "none"), default="full",
                     help="FluxConfig.remat of the layer stacks (default full)")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank for --step lora")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="parameters and activations (default bfloat16). On CPU a bf16 product runs through "
+                         "flux.narrow_product (fp32 accumulation, a custom VJP); float32 takes the plain dot "
+                         "that GPU and TPU programs use for bf16 too")
     ap.add_argument("--steps", type=int, default=28, help="sampling steps for --step sample (default 28)")
     ap.add_argument("--seeds", type=int, default=8, help="seeds for --step sample (default 8)")
     ap.add_argument("--score-steps", type=int, default=4, help="scored early steps for --step sample (default 4)")
@@ -63,15 +67,16 @@ def main(argv=None):
         args.config = "flux1-fill-dev"  # the sampler's Fill-style input: 384 channels
     cfg = FluxConfig.named(args.config).replace(remat=args.remat)
 
-    abstract = abstract_model(cfg)
+    dtype = getattr(jnp, args.dtype)
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=dtype)
     if args.step == "lora":
         add_lora(abstract, args.rank)  # on an abstract model the factors are ShapeDtypeStructs too
     t_trace = time.perf_counter() - t0
     mesh = make_mesh(args.mesh)
     S = jax.ShapeDtypeStruct
     B, N, T = args.batch, args.tokens, args.text
-    inputs = (S((B, N, cfg.in_channels), jnp.bfloat16), S((B, T, cfg.context_dim), jnp.bfloat16),
-              S((B, cfg.pooled_dim), jnp.bfloat16), S((B,), jnp.float32), S((N, 3), jnp.float32),
+    inputs = (S((B, N, cfg.in_channels), dtype), S((B, T, cfg.context_dim), dtype),
+              S((B, cfg.pooled_dim), dtype), S((B,), jnp.float32), S((N, 3), jnp.float32),
               S((T, 3), jnp.float32), S((B,), jnp.float32))
     bs = lambda nd: batch_sharding(mesh, nd)
     input_shardings = (bs(3), bs(3), bs(2), bs(1), replicated(mesh), replicated(mesh), bs(1))
@@ -107,7 +112,7 @@ def main(argv=None):
     compiled = lowered.compile()
     t_compile = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    print(f"{args.config}: {n_params:,} parameters, bf16, {what}, remat={cfg.remat}, batch {B}, "
+    print(f"{args.config}: {n_params:,} parameters, {args.dtype}, {what}, remat={cfg.remat}, batch {B}, "
           f"{N} image + {T} text tokens")
     print(f"mesh {dict(mesh.shape)} on {len(jax.devices())} simulated {jax.devices()[0].platform} devices")
     target_note = " (target: < 60 s)" if args.step == "forward" else ""
@@ -147,11 +152,11 @@ def _sampler(args, cfg, abstract, mesh):
     def run(state, cond, known, text, seeds):
         return sample(nnx.merge(graphdef, state), cond, known, text, seeds, layout, plan)
 
-    text = TextConditioning(S((1, args.text, cfg.context_dim), jnp.bfloat16), S((1, cfg.pooled_dim), jnp.bfloat16))
+    text = TextConditioning(S((1, args.text, cfg.context_dim), getattr(jnp, args.dtype)), S((1, cfg.pooled_dim), getattr(jnp, args.dtype)))
     everywhere = replicated(mesh)
     fn = jax.jit(run, in_shardings=(state_shardings(state, mesh), bs(3), bs(3),
                                     TextConditioning(everywhere, everywhere), everywhere))
-    operands = (state, S((B, N, cfg.in_channels - c_lat), jnp.bfloat16), S((B, N, c_lat), jnp.bfloat16), text,
+    operands = (state, S((B, N, cfg.in_channels - c_lat), getattr(jnp, args.dtype)), S((B, N, c_lat), getattr(jnp, args.dtype)), text,
                 S((args.seeds,), jnp.uint32))
     what = (f"PICO sampler ({plan.steps} steps, {plan.seeds} seeds scored over {plan.scorer.steps} and the best "
             f"finished, {plan.seed_batch} at a time)")
