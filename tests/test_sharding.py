@@ -34,7 +34,11 @@ def _abstract_inputs(cfg, b, n, t, dtype=jnp.bfloat16):
     )
 
 
-def _sharded_forward(cfg, mesh_spec, b=8, n=256, t=64):
+def _sharded_forward(cfg, mesh_spec, b=8, n=256, t=64, traced_on_mesh=False):
+    """The full-size forward, lowered for the mesh; traced_on_mesh: under it as the context mesh
+    (`parallel.on_mesh`, as the trainer and the pipeline trace), which gathers each layer over fsdp."""
+    from pico_jax.parallel import on_mesh
+
     model = abstract_model(cfg)
     graphdef, state = nnx.split(model)
     mesh = make_mesh(mesh_spec)
@@ -44,7 +48,8 @@ def _sharded_forward(cfg, mesh_spec, b=8, n=256, t=64):
 
     bs = lambda nd: batch_sharding(mesh, nd)
     ins = (state_shardings(state, mesh), bs(3), bs(3), bs(2), bs(1), replicated(mesh), replicated(mesh), bs(1))
-    return jax.jit(fwd, in_shardings=ins).lower(state, *_abstract_inputs(cfg, b, n, t))
+    jitted = jax.jit(fwd, in_shardings=ins)
+    return (on_mesh(jitted, mesh) if traced_on_mesh else jitted).lower(state, *_abstract_inputs(cfg, b, n, t))
 
 
 def test_flux1_dev_compiles_sharded_on_8_devices():
@@ -60,17 +65,12 @@ def test_fsdp_gathers_each_layers_weights_not_the_activations():
     """Over data x fsdp, the full-size forward traced under the mesh (parallel.on_mesh) all-gathers each
     scanned layer's weights once and all-reduces nothing. Left alone, XLA's partitioner gathered
     the activations over 'fsdp' and all-reduced every product's fp32 output (84 GiB per device)."""
-    from pico_jax.parallel import collective_bytes, on_mesh
+    from pico_jax.parallel import collective_bytes
 
     cfg = FluxConfig.flux1_fill_dev(remat="full")
-    mesh = make_mesh("data=2,fsdp=4")
-    graphdef, state = nnx.split(abstract_model(cfg))
-    bs = lambda nd: batch_sharding(mesh, nd)
-    fwd = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a),
-                  in_shardings=(state_shardings(state, mesh), bs(3), bs(3), bs(2), bs(1), replicated(mesh),
-                                replicated(mesh), bs(1)))
-    compiled = on_mesh(fwd, mesh).lower(state, *_abstract_inputs(cfg, 8, 1024, 64)).compile()
+    compiled = _sharded_forward(cfg, "data=2,fsdp=4", 8, 1024, 64, traced_on_mesh=True).compile()
     moved = collective_bytes(compiled.as_text())
+    state = nnx.state(abstract_model(cfg))
     stacked = sum(v.size * v.dtype.itemsize for k, v in jax.tree.leaves_with_path(state)
                   if "blocks" in jax.tree_util.keystr(k))
     assert stacked * 0.99 <= moved.get("all-gather", 0) <= stacked * 1.05, (moved, stacked)
@@ -83,17 +83,11 @@ def test_tensor_parallelism_moves_only_megatrons_all_reduces():
     each row-parallel product's output reduced once (XLA:CPU writes it as an all-reduce plus an
     all-gather of the same size), nothing reshuffled. With BFL's [q | k | v | mlp] column order
     the fused outputs were split across heads: 24.6 GiB all-gathered and 10.9 GiB permuted here."""
-    from pico_jax.parallel import collective_bytes, on_mesh
+    from pico_jax.parallel import collective_bytes
 
     cfg = FluxConfig.flux1_dev(remat="full")
     b, n, t = 8, 1024, 64
-    mesh = make_mesh("tensor=8")
-    graphdef, state = nnx.split(abstract_model(cfg))
-    bs = lambda nd: batch_sharding(mesh, nd)
-    fwd = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a),
-                  in_shardings=(state_shardings(state, mesh), bs(3), bs(3), bs(2), bs(1), replicated(mesh),
-                                replicated(mesh), bs(1)))
-    compiled = on_mesh(fwd, mesh).lower(state, *_abstract_inputs(cfg, b, n, t)).compile()
+    compiled = _sharded_forward(cfg, "tensor=8", b, n, t, traced_on_mesh=True).compile()
     moved = collective_bytes(compiled.as_text())
     # Row-parallel products: proj and mlp_out of both streams per double block, linear2 per single block.
     needed = (2 * cfg.num_double * b * (n + t) + cfg.num_single * b * (n + t)) * cfg.width * 4
