@@ -15,7 +15,8 @@ from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP, enable_compile_ca
 # Shared with pico_jax.eval; here, not in pico_jax.parallel, so that --help need not import jax.
 MESH_FLAG_HELP = (
     "run on several devices: axis=size over data, fsdp, tensor, e.g. 'data=8' (8 GPUs, each taking its share of "
-    "every batch) or 'fsdp=8' (the model split 8 ways too, for one too big for a device); axes left out absorb the "
+    "every batch) or 'fsdp=8' (the model split 8 ways too, for one too big for a device) or 'tensor=T' (every "
+    "layer's heads split T ways, Megatron-style; T must divide the model's head count); axes left out absorb the "
     "remaining devices. --batch-size must be a multiple of data x fsdp. Results are the same as on one device. "
     "Default: one device"
 )
