@@ -185,12 +185,49 @@ def test_attention_implementation_per_backend(monkeypatch):
     assert impl(jnp.float32, 128, 4608, backend="gpu") == "xla"  # cuDNN flash attention has no fp32
     assert impl(jnp.bfloat16, 256, 4608, backend="gpu") == "xla"  # head_dim above cuDNN's limit
     assert impl(jnp.float32, 64, 1056, backend="cpu") == "headwise"
-    assert impl(jnp.bfloat16, 128, 4608, backend="tpu") == "xla"
+    assert impl(jnp.bfloat16, 128, 4608, backend="tpu") == "splash"
+    assert impl(jnp.bfloat16, 64, 4608, backend="tpu") == "xla"  # below the TPU lane width
     monkeypatch.setenv("PICO_JAX_ATTENTION", "xla")
     assert impl(jnp.bfloat16, 128, 4608, backend="gpu") == "xla"
     monkeypatch.setenv("PICO_JAX_ATTENTION", "flash")
     with pytest.raises(ValueError, match="PICO_JAX_ATTENTION='flash'"):
         impl(jnp.float32, 64, 1056, backend="cpu")
+
+
+@pytest.mark.parametrize("tokens", [20, 256])  # 20: padded to one 128 block, the padding masked as its own segment
+def test_splash_attention_equals_xla_values_gradients_and_on_a_mesh(tokens):
+    """The TPU kernel (Pallas splash attention), run here by Pallas' interpreter, against XLA's attention;
+    under a data x fsdp x tensor context mesh it runs per device (shard_map) and gathers nothing."""
+    from pico_jax.model.attention import splash_attention
+    from pico_jax.parallel import make_mesh, on_mesh
+
+    g = np.random.default_rng(tokens)
+    q, k, v = (jnp.asarray(g.standard_normal((4, tokens, 2, 128)), jnp.float32) for _ in range(3))
+    loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) ** 2))
+    want = jax.nn.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(jax.jit(splash_attention)(q, k, v), want, atol=1e-5)
+    got_g = jax.jit(jax.grad(loss(splash_attention), (0, 1, 2)))(q, k, v)
+    for got, ref in zip(got_g, jax.grad(loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, ref, atol=5e-5)
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    sharded = on_mesh(jax.jit(splash_attention), mesh)
+    np.testing.assert_allclose(sharded(q, k, v), want, atol=1e-5)
+    assert "all-gather" not in sharded.lower(q, k, v).compile().as_text()
+
+
+def test_flux_forward_with_splash_attention_equals_xla(monkeypatch):
+    cfg = FluxConfig(num_double=1, num_single=1, num_heads=2, head_dim=128, axes_dims_rope=(32, 48, 48),
+                     in_channels=16, context_dim=32, pooled_dim=16)
+    model = FluxTransformer(cfg, rngs=nnx.Rngs(0))
+    g = np.random.default_rng(1)
+    args = (g.standard_normal((2, 16, 16), np.float32), g.standard_normal((2, 4, 32), np.float32),
+            g.standard_normal((2, 16), np.float32), np.array([0.3, 0.8], np.float32),
+            g.standard_normal((16, 3)).astype(np.float32), np.zeros((4, 3), np.float32), np.full(2, 3.0, np.float32))
+    outs = {}
+    for impl in ("xla", "splash"):
+        monkeypatch.setenv("PICO_JAX_ATTENTION", impl)
+        outs[impl] = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, *args))
+    np.testing.assert_allclose(outs["splash"], outs["xla"], rtol=1e-4, atol=1e-4)
 
 
 def test_capture_without_key_maps_keeps_group_mass():

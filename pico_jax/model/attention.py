@@ -2,7 +2,7 @@
 
 Every attention call in the FLUX transformer goes through `attention()`. Ordinary layers use
 the backend's best exact kernel (`attention_implementation()`): cuDNN flash attention on GPU for
-bf16/fp16, head-by-head attention on CPU (one head's N×N logits at a time, normalised after the
+bf16/fp16, Pallas splash attention on TPU, head-by-head attention on CPU (one head's N×N logits at a time, normalised after the
 value product; 3.5× faster than XLA's all-heads softmax at 1,056 tokens on 2 cores), XLA's
 `dot_product_attention` elsewhere. Note that `jax.nn.dot_product_attention` with no
 `implementation` is XLA on every backend, never cuDNN, so the choice is made here explicitly.
@@ -130,14 +130,15 @@ def empty_stats(batch: int, num_groups: int, num_tokens: int) -> tuple[jax.Array
     )
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "headwise")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "headwise", "splash")
 
 
 def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str | None = None) -> str:
     """Which exact attention kernel to use: the PICO_JAX_ATTENTION environment variable if set
-    (xla | cudnn | headwise), else by backend: cuDNN flash attention on GPU where it applies
-    (bf16/fp16, head_dim a multiple of 8 up to 128), head-by-head on CPU, XLA otherwise (TPU;
-    fp32 on GPU). num_tokens is part of the signature for kernels whose choice depends on it."""
+    (xla | cudnn | headwise | splash), else by backend: cuDNN flash attention on GPU where it
+    applies (bf16/fp16, head_dim a multiple of 8 up to 128), Pallas splash attention on TPU (head_dim
+    a multiple of 128, as FLUX's), head-by-head on CPU, XLA otherwise (fp32 on GPU). num_tokens is
+    part of the signature for kernels whose choice depends on it."""
     forced = os.environ.get("PICO_JAX_ATTENTION", "").strip().lower()
     if forced:
         if forced not in ATTENTION_IMPLEMENTATIONS:
@@ -147,6 +148,8 @@ def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str
     if backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
             and head_dim <= 128:
         return "cudnn"
+    if backend == "tpu" and head_dim % 128 == 0:
+        return "splash"
     if backend == "cpu":
         return "headwise"
     return "xla"
@@ -284,7 +287,60 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     impl = attention_implementation(q.dtype, q.shape[-1], q.shape[1])
     if impl == "headwise":
         return headwise_attention(q, k, v)
+    if impl == "splash":
+        return splash_attention(q, k, v)
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+SPLASH_BLOCK = 512  # the kernel's query / key block (FLUX's 512 text + 4096 image tokens: 9 blocks)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """(B, N, H, D) × 3 → (B, N, H, D) with Pallas' TPU splash attention (flash attention with its
+    own backward; full mask, scale 1/sqrt(D)). Off TPU it runs in Pallas' interpreter (slow; how the
+    tests check it on CPU).
+
+    The token count is padded to a multiple of the block (128 at least); padding tokens form their
+    own segment, so no real query sees them. Under a context mesh the kernel runs per device in a
+    `shard_map`: the batch split as the mesh's batch axes split it, the heads over 'tensor' when it
+    divides them. A Pallas kernel is opaque to XLA's partitioner, which would otherwise gather
+    every input onto every device."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b, n, h, d = q.shape
+    padded = -(-n // 128) * 128
+    block = next(s for s in (SPLASH_BLOCK, 256, 128) if padded % s == 0)
+    interpret = jax.default_backend() != "tpu"
+    segments = None
+    if padded != n:
+        ids = jnp.asarray(np.arange(padded) >= n, jnp.int32)  # 0: real tokens, 1: padding
+        segments = splash.SegmentIds(q=ids, kv=ids)
+
+    def per_device(q, k, v):  # (b, h, padded, d) on one device
+        heads = q.shape[1]
+        mask = splash.MultiHeadMask([splash.FullMask((padded, padded)) for _ in range(heads)])
+        sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                  block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+        kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(q, k, v)
+
+    def heads_first(x):
+        return jnp.swapaxes(jnp.pad(x, ((0, 0), (0, padded - n), (0, 0), (0, 0))), 1, 2)
+
+    scale = jnp.asarray(1.0 / np.sqrt(d), q.dtype)
+    args = (heads_first(q * scale), heads_first(k), heads_first(v))
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        from jax.sharding import PartitionSpec as P
+
+        batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+        if b % int(np.prod([mesh.shape[a] for a in batch_axes] or [1])):
+            batch_axes = ()
+        head_axis = "tensor" if head_groups(h) > 1 else None
+        spec = P(batch_axes or None, head_axis, None, None)
+        per_device = jax.shard_map(per_device, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    out = per_device(*args)
+    return jnp.swapaxes(out, 1, 2)[:, :n]
 
 
 def _edit_logits(logits: jax.Array, hooks: AttentionHooks) -> jax.Array:
