@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -54,6 +55,19 @@ PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
 
 class MeshError(ValueError):
     pass
+
+
+# The checkpoint name of a layer's weights gathered over 'fsdp' (`fsdp_gather_layer`).
+FSDP_GATHERED = "fsdp_gathered"
+
+
+def save_all_but_gathered_weights(prim, *_, **params) -> bool:
+    """A `jax.checkpoint` policy: save every residual except a layer's weights gathered over 'fsdp'
+    (the gather's output and its name), so the backward gathers them again. The layer scan uses it
+    for remat "none" under a context mesh with 'fsdp', where autodiff would otherwise keep every
+    layer's gathered weights until the backward. `save_anything_except_these_names` alone is not
+    enough: it still saves the sharding constraint's output, the gathered array itself."""
+    return not (prim.name == "sharding_constraint" or (prim.name == "name" and params.get("name") == FSDP_GATHERED))
 
 
 # A loader's `place=`: (dotted parameter name, host array) -> the array on its device(s).
@@ -226,7 +240,8 @@ def fsdp_gather_layer(layer_state):
         value = var.get_value()
         spec = spec_for(".".join(str(p) for p in key_path), value.shape, mesh)
         gathered = P(*(None if axis == "fsdp" else axis for axis in spec))
-        leaves.append((key_path, var.replace(jax.lax.with_sharding_constraint(value, gathered))))
+        value = checkpoint_name(jax.lax.with_sharding_constraint(value, gathered), FSDP_GATHERED)
+        leaves.append((key_path, var.replace(value)))
     return nnx.from_flat_state(leaves)
 
 

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from pico_jax.model.attention import NARROW_FLOATS, AttentionHooks, Captured, attention
-from pico_jax.parallel import fsdp_gather_layer
+from pico_jax.parallel import fsdp_gather_layer, fsdp_gathering, save_all_but_gathered_weights
 
 
 # --------------------------------------------------------------------------------------- config
@@ -658,6 +658,11 @@ def scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 
 
     if remat != "none":
         layer_step = jax.checkpoint(layer_step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+    elif fsdp_gathering():
+        # "none" keeps every residual, the gathered weights among them (the products' operands):
+        # every layer's whole weights would stay on every device until the backward. Keep the rest
+        # and gather the weights again, as FSDP does.
+        layer_step = jax.checkpoint(layer_step, policy=save_all_but_gathered_weights, prevent_cse=False)
 
     def step(carry, scanned_slice):
         layer, x = scanned_slice  # the layer's state, or with by_bits its index
