@@ -324,11 +324,13 @@ def test_text_encoders_sharded_over_a_mesh_match_unsharded(t5_ckpt, clip_ckpt):
     shards = t5.blocks.ffn.wi_0.kernel[...].addressable_shards
     assert len(shards) == 8 and {sh.data.shape for sh in shards} == {(T5_TINY["num_layers"], 8, 24)}
 
-    want, got = plain.encode(PROMPTS), sharded.encode(PROMPTS)
-    for name in ("prompt_embeds", "pooled_prompt_embeds"):
-        a, b = getattr(got, name), getattr(want, name)
-        assert a.sharding.is_fully_replicated and len(a.sharding.device_set) == 8, name
-        assert rel_err(a, b) < 1e-6, name  # the same sums, split across devices
+    # 3 prompts run whole on every device; 4 split over the mesh's data x fsdp = 4 devices.
+    for prompts in (PROMPTS, PROMPTS + ["a fourth prompt"]):
+        want, got = plain.encode(prompts), sharded.encode(prompts)
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.sharding.is_fully_replicated and len(a.sharding.device_set) == 8, name
+            assert rel_err(a, b) < 1e-6, name  # the same sums, split across devices
 
 
 def test_bf16_text_encoders_convert_no_weight_stack_to_fp32():

@@ -31,7 +31,14 @@ from jax.sharding import Mesh
 
 from pico_jax.model.clip import CLIPTextEncoder, load_clip_text_encoder
 from pico_jax.model.t5 import T5Encoder, load_t5_encoder
-from pico_jax.parallel import global_array, param_placer, replicated, shard_module
+from pico_jax.parallel import (
+    batch_sharding,
+    data_parallel_size,
+    global_array,
+    param_placer,
+    replicated,
+    shard_module,
+)
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, read_config, save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
@@ -250,11 +257,15 @@ class TextEncoders:
             embeds = _run_t5(*self._t5_split, jnp.asarray(t5_ids))
             pooled = _run_clip_pooled(*self._clip_split, jnp.asarray(clip_ids))
         else:  # every host holds the same token ids; the result is replicated, so every host can read it.
-            # Traced under the mesh, so each layer's weights are gathered over 'fsdp' as it runs.
+            # Traced under the mesh, so each layer's weights are gathered over 'fsdp' as it runs. A batch
+            # the mesh's data x fsdp devices divide is split over them (each encodes its share, as the
+            # transformer's batches are split); another (PICO's single prompt) runs whole on each.
             everywhere = replicated(self.mesh)
+            split = len(prompts) % data_parallel_size(self.mesh) == 0
+            ids_on = lambda ids: global_array(ids, batch_sharding(self.mesh, 2) if split else everywhere)
             with jax.set_mesh(self.mesh):
-                embeds = _run_t5(*self._t5_split, global_array(t5_ids, everywhere), everywhere)
-                pooled = _run_clip_pooled(*self._clip_split, global_array(clip_ids, everywhere), everywhere)
+                embeds = _run_t5(*self._t5_split, ids_on(t5_ids), everywhere)
+                pooled = _run_clip_pooled(*self._clip_split, ids_on(clip_ids), everywhere)
         return TextEmbeddings(embeds, pooled, jnp.zeros((t5_ids.shape[1], 3), embeds.dtype))
 
 
