@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from pico_jax.model.flux import FluxConfig, FluxTransformer, abstract_model, fused_order
+from pico_jax.model.flux import FluxConfig, FluxTransformer, abstract_model, fused_order, reorder_fused_axis
 from pico_jax.parallel import Placer
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, check_keys, check_shape, read_config
 
@@ -63,8 +63,8 @@ def to_our_order(x: np.ndarray, src: Source, cfg: FluxConfig) -> np.ndarray:
 
 def _reorder(x: np.ndarray, src: Source, cfg: FluxConfig, inverse: bool) -> np.ndarray:
     for axis, kind in ((0, src.out_order), (1, src.in_order)):
-        if kind and x.ndim > axis and x.shape[axis] == len(order := fused_order(cfg, kind)):
-            x = np.take(x, np.argsort(order) if inverse else order, axis=axis)
+        if kind and x.ndim > axis and x.shape[axis] == len(fused_order(cfg, kind)):
+            x = reorder_fused_axis(x, cfg, kind, axis, inverse)
     return x
 
 

@@ -174,6 +174,16 @@ def fused_order(cfg: "FluxConfig", kind: str) -> np.ndarray:
     return order
 
 
+def reorder_fused_axis(x: np.ndarray, cfg: "FluxConfig", kind: str | None, axis: int,
+                       inverse: bool = False) -> np.ndarray:
+    """x with its `axis` taken from the checkpoints' order into our head-grouped one (`fused_order`),
+    or back with inverse=True. kind None: x unchanged."""
+    if not kind:
+        return x
+    order = fused_order(cfg, kind)
+    return np.take(x, np.argsort(order) if inverse else order, axis=axis)
+
+
 class Dense(nnx.Module):
     """A linear layer y = x·W + b with an optional LoRA branch (x·A)·B · (alpha / rank).
 

@@ -55,7 +55,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from pico_jax.model.flux import Dense, FluxConfig, fused_order
+from pico_jax.model.flux import Dense, FluxConfig, reorder_fused_axis
 from pico_jax.parallel import Placer
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, save_safetensors_atomic
 
@@ -260,14 +260,6 @@ def _module_table(model, layers: dict[str, Dense], table: dict) -> dict[str, tup
     return out
 
 
-def _reorder(x: np.ndarray, kind: str | None, axis: int, inverse: bool, cfg: FluxConfig) -> np.ndarray:
-    """Checkpoint order → our head-grouped order of a fused axis (or back, inverse=True);
-    see `pico_jax.model.flux.fused_order`."""
-    if not kind:
-        return x
-    order = fused_order(cfg, kind)
-    return np.take(x, np.argsort(order) if inverse else order, axis=axis)
-
 
 def _layer_range(dense: Dense):
     k = _value(dense.kernel)
@@ -325,8 +317,8 @@ def lora_state_dict_diffusers(
             a_all, b_all = a_all[None], b_all[None]
         L, R, dout = b_all.shape
         # B in torch layout (L, out, R), diffusers' output order, split into the projections.
-        bt = _reorder(np.swapaxes(b_all, 1, 2), src.out_order, 1, True, cfg)
-        a_all = _reorder(a_all, src.in_order, 1, True, cfg)
+        bt = reorder_fused_axis(np.swapaxes(b_all, 1, 2), cfg, src.out_order, 1, inverse=True)
+        a_all = reorder_fused_axis(a_all, cfg, src.in_order, 1, inverse=True)
         if src.swap_halves:
             bt = np.concatenate(np.split(bt, 2, axis=1)[::-1], axis=1)
         sizes = _part_sizes(len(templates), dout, cfg)
@@ -586,8 +578,8 @@ def load_lora(
             B[li, col[j] : col[j] + r, offsets[j] : offsets[j + 1]] = b * (s / common)
         src = orders.get(f"{dpath}.kernel")  # into our head-grouped layout (qkv, linear1, linear2)
         if src is not None:
-            A = _reorder(A, src.in_order, 1, False, cfg)
-            B = _reorder(B, src.out_order, 2, False, cfg)
+            A = reorder_fused_axis(A, cfg, src.in_order, 1)
+            B = reorder_fused_axis(B, cfg, src.out_order, 2)
         if not stacked:
             A, B = A[0], B[0]
         plan.append((dpath, dense, A, B, common))
