@@ -28,6 +28,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_forward import _time  # noqa: E402
 
 
 def t5_flops(d_model: int, d_ff: int, inner: int, layers: int, length: int, batch: int) -> float:
@@ -35,12 +38,6 @@ def t5_flops(d_model: int, d_ff: int, inner: int, layers: int, length: int, batc
     per_token = 2 * (4 * d_model * inner + 3 * d_model * d_ff)
     attention = 4 * length * length * inner
     return float(batch * layers * (per_token * length + attention))
-
-
-def _time(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def _parser() -> argparse.ArgumentParser:
