@@ -8,8 +8,9 @@ dimension that the mesh axis does not divide is replicated instead of failing. B
 sharded over ('data', 'fsdp').
 
 This is the one place where sharding is decided; model code carries no sharding annotations
-except one call, `fsdp_gather_layer`, in the layer scan: under a context mesh (`on_mesh`) it
-gathers each layer's weights over 'fsdp' as the layer runs.
+except two calls under a context mesh (`on_mesh`): `fsdp_gather_layer` in the layer scan gathers
+each layer's weights over 'fsdp' as the layer runs, and `split_by_batch` lays the text encoders'
+embedded tokens out by batch before their layers.
 """
 
 from __future__ import annotations
@@ -249,6 +250,21 @@ def fsdp_gathering() -> bool:
     """Whether `fsdp_gather_layer` gathers, i.e. the context mesh has an 'fsdp' axis of more than one device."""
     mesh = jax.sharding.get_abstract_mesh()
     return not mesh.empty and "fsdp" in mesh.axis_names and mesh.shape["fsdp"] > 1
+
+
+def split_by_batch(x: jax.Array) -> jax.Array:
+    """`x` split over the context mesh's data x fsdp devices along its batch (leading) axis, whole
+    along the others; whole everywhere when that batch does not divide; unchanged without a context
+    mesh. For an embedding lookup's output: the table is split over 'fsdp' along its width, so
+    the looked-up activations come out split by width, and XLA's partitioner carried that layout
+    into every layer and gathered them at each norm (T5-XXL on fsdp=8: 3 GiB a call on top of the
+    8.9 GiB of weights; benchmarks/RESULTS.md, nineteenth session)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    splits = mesh.shape["data"] * mesh.shape["fsdp"]
+    lead = BATCH_AXES if x.shape[0] % splits == 0 else None
+    return jax.lax.with_sharding_constraint(x, P(lead, *([None] * (x.ndim - 1))))
 
 
 def on_mesh(fn, mesh: Mesh):

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from pico_jax.model.flux import Dense, accumulation_dtype, scan_blocks
-from pico_jax.parallel import Placer
+from pico_jax.parallel import Placer, split_by_batch
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, check_keys, check_shape, read_config
 
 Dtype = Any
@@ -76,6 +76,7 @@ def scan_layers(stack: nnx.Module, x: jax.Array, *args: Any) -> jax.Array:
     too: without it XLA:CPU converted every whole weight stack to fp32 on each call (`take_layer`
     says why). The program holds a single layer body whatever the depth.
     """
+    x = split_by_batch(x)  # the embedding table's width split must not become the activations'
     out, _ = scan_blocks(lambda layer, h, _: (layer(h, *args), None), x, stack, None, remat="none")
     return out
 
