@@ -16,6 +16,12 @@ program), over --batch canvases of --tokens image tokens sharded over data x fsd
 is not in it (the condition tokens are inputs), as in bench_gpu_flux.py's sample section.
 
     python benchmarks/bench_compile.py --step sample --batch 8 --mesh data=2,fsdp=4
+
+--platform cuda / tpu: the same programs traced for a GPU / TPU (cuDNN flash / Pallas splash
+attention, none of the CPU work-arounds) and lowered for it on this host, without compiling:
+a check that what a device would run traces, shards and lowers, before device time is spent.
+
+    python benchmarks/bench_compile.py --platform tpu --step lora --remat dots
 """
 
 import argparse
@@ -52,6 +58,14 @@ def main(argv=None):
                     help="trace without the context mesh, so the layers do not gather their weights over 'fsdp': "
                          "the plan XLA's partitioner picks alone (what every program had before the seventeenth "
                          "session), for comparison")
+    ap.add_argument("--platform", choices=("cpu", "cuda", "tpu"), default="cpu",
+                    help="cpu (default): lower and compile for this host's simulated devices. cuda / tpu: trace "
+                         "the program a GPU / TPU would run (pico_jax.backend.traced_for: cuDNN flash or Pallas "
+                         "splash attention, no CPU work-arounds) and export it with jax.export; nothing is "
+                         "compiled (that needs the device), so it prints the export time and the kernel calls")
+    ap.add_argument("--assume-cudnn-version", type=int, default=91000,
+                    help="for --platform cuda on a host without cuDNN: the version JAX's cuDNN attention checks "
+                         "its features against (default 91000 = 9.10; ignored where cuDNN is installed)")
     args = ap.parse_args(argv)
 
     import jax
@@ -103,6 +117,8 @@ def main(argv=None):
         operands = (lora, base, *inputs, target)
         what = f"LoRA gradient (rank {args.rank}, {count_params(lora) / 1e6:.1f} M trainable)"
         n_params = count_params(lora) + count_params(base)
+    if args.platform != "cpu":
+        return _export(args, fn, operands, mesh, what, n_params, cfg)
     if not args.no_gather:  # traced under the mesh: each scanned layer gathers its weights over 'fsdp'
         fn = on_mesh(fn, mesh)
     t0 = time.perf_counter()
@@ -123,6 +139,30 @@ def main(argv=None):
     parts = ", ".join(f"{kind} {n / 2**30:.2f} GiB" for kind, n in sorted(moved.items()) if n) or "none"
     print(f"  collectives per device per call (result bytes; XLA's plan{', no fsdp gather' if args.no_gather else ''}): "
           f"{parts}" + (f" ({unknown} loop(s) of unknown trip count counted once)" if unknown else ""))
+
+
+def _export(args, fn, operands, mesh, what, n_params, cfg) -> None:
+    """--platform cuda / tpu: the program lowered for that platform, and the kernels in it."""
+    import contextlib
+
+    import jax
+
+    from pico_jax.backend import custom_call_counts, lower_for
+
+    t0 = time.perf_counter()
+    with contextlib.nullcontext() if args.no_gather else jax.set_mesh(mesh):
+        lowered = lower_for(fn, args.platform, *operands, assume_cudnn_version=args.assume_cudnn_version)
+    text = lowered.as_text()
+    t_lower = time.perf_counter() - t0
+    print(f"{args.config}: {n_params:,} parameters, {args.dtype}, {what}, remat={cfg.remat}, batch {args.batch}, "
+          f"{args.tokens} image + {args.text} text tokens")
+    print(f"mesh {dict(mesh.shape)}; lowered for {args.platform}, not compiled (that needs the device)")
+    print(f"  trace + lower {t_lower:.1f} s; StableHLO {len(text) / 2**20:.2f} MiB of text")
+    kernels = custom_call_counts(text)
+    print("  custom call sites (a scanned stack holds one for all its layers): "
+          + (", ".join(f"{name} x{n}" for name, n in kernels.items()) or "none"))
+    if args.platform == "cuda" and mesh.size > 1:
+        print("  (over a mesh, cuDNN attention is a CustomSPMDPartitioning site until XLA compiles it)")
 
 
 def _sampler(args, cfg, abstract, mesh):

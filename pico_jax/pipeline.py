@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pico_jax import grid
+from pico_jax.backend import target_backend
 from pico_jax.flow import PREDICTIONS, euler_sample, flux_mu, flux_schedule, velocity_from_output
 from pico_jax.model.attention import AttentionHooks
 from pico_jax.model.flux import FluxTransformer
@@ -222,7 +223,7 @@ def seed_batch_for_backend(seeds: int, backend: str | None = None) -> int:
     busy, and a batch of seeds only makes the per-layer activations and attention maps fall out
     of cache (bench_sampling: 8 vmapped seeds cost ~1.4x per seed what one does); on a GPU or
     TPU, one canvas leaves most of the chip idle and the batch is what fills it."""
-    backend = backend or jax.default_backend()
+    backend = backend or target_backend()
     return 1 if backend == "cpu" else seeds
 
 

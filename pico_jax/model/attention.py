@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pico_jax.backend import target_backend
+
 
 class Clone(NamedTuple):
     """Logit block (dst_q panel → dst_k panel) := scale · (src_q panel → src_k panel).
@@ -144,7 +146,7 @@ def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str
         if forced not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"PICO_JAX_ATTENTION={forced!r}; choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         return forced
-    backend = backend or jax.default_backend()
+    backend = backend or target_backend()
     if backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
             and head_dim <= 128:
         return "cudnn"
@@ -310,7 +312,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     b, n, h, d = q.shape
     padded = -(-n // 128) * 128
     block = next(s for s in (SPLASH_BLOCK, 256, 128) if padded % s == 0)
-    interpret = jax.default_backend() != "tpu"
+    interpret = target_backend() != "tpu"
     segments = None
     if padded != n:
         ids = jnp.asarray(np.arange(padded) >= n, jnp.int32)  # 0: real tokens, 1: padding

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from pico_jax.backend import target_backend
 from pico_jax.model.attention import NARROW_FLOATS, AttentionHooks, Captured, attention
 from pico_jax.parallel import fsdp_gather_layer, fsdp_gathering, save_all_but_gathered_weights
 
@@ -225,7 +226,7 @@ def accumulation_dtype(dtype: Any, backend: str | None = None) -> Any:
     then added in fp32 and the sum rounded once. Elsewhere the product keeps `dtype` (GPU and TPU
     accumulate in fp32 inside the kernel and write the narrow type, half the bytes)."""
     dtype = jnp.dtype(dtype)
-    if dtype in NARROW_FLOATS and (backend or jax.default_backend()) == "cpu":
+    if dtype in NARROW_FLOATS and (backend or target_backend()) == "cpu":
         return jnp.float32
     return dtype
 
@@ -587,7 +588,7 @@ def _split_columns_fwd(h, at):
 
 
 def _split_columns_bwd(at, _, grads):  # the halves' gradients arrive in h's dtype
-    if jax.default_backend() == "cpu":  # elsewhere the fused pad-and-add has no such cost
+    if target_backend() == "cpu":  # elsewhere the fused pad-and-add has no such cost
         grads = jax.lax.optimization_barrier(grads)
     return (_concatenate_columns(grads),)
 
@@ -600,7 +601,7 @@ def _concatenate_columns(parts) -> jax.Array:
     XLA:CPU would convert every part to fp32 and the result back (a bf16 concatenate is one of
     the ops its float normalisation rewrites)."""
     dtype = parts[0].dtype
-    if jax.default_backend() != "cpu" or jnp.dtype(dtype) not in NARROW_FLOATS:
+    if target_backend() != "cpu" or jnp.dtype(dtype) not in NARROW_FLOATS:
         return jnp.concatenate(parts, axis=-1)
     bits = [jax.lax.bitcast_convert_type(p, jnp.uint16) for p in parts]
     return jax.lax.bitcast_convert_type(jnp.concatenate(bits, axis=-1), dtype)
@@ -769,7 +770,7 @@ _layer_step_call.defvjp(_layer_step_fwd, _layer_step_bwd)
 
 def _slices_by_bits(state, backend: str | None = None) -> bool:
     """Whether a stack's layers are read with `take_layer`: on CPU, when any leaf is bf16/fp16."""
-    if (backend or jax.default_backend()) != "cpu":
+    if (backend or target_backend()) != "cpu":
         return False
     return any(jnp.dtype(a.dtype) in NARROW_FLOATS for a in jax.tree.leaves(state))
 
