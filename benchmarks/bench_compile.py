@@ -61,8 +61,8 @@ def main(argv=None):
     ap.add_argument("--platform", choices=("cpu", "cuda", "tpu"), default="cpu",
                     help="cpu (default): lower and compile for this host's simulated devices. cuda / tpu: trace "
                          "the program a GPU / TPU would run (pico_jax.backend.traced_for: cuDNN flash or Pallas "
-                         "splash attention, no CPU work-arounds) and export it with jax.export; nothing is "
-                         "compiled (that needs the device), so it prints the export time and the kernel calls")
+                         "splash attention, no CPU work-arounds) and lower it for that platform; nothing is "
+                         "compiled (that needs the device), so it prints the lowering time and the custom calls")
     ap.add_argument("--assume-cudnn-version", type=int, default=91000,
                     help="for --platform cuda on a host without cuDNN: the version JAX's cuDNN attention checks "
                          "its features against (default 91000 = 9.10; ignored where cuDNN is installed)")
