@@ -118,7 +118,7 @@ def main(argv=None):
         what = f"LoRA gradient (rank {args.rank}, {count_params(lora) / 1e6:.1f} M trainable)"
         n_params = count_params(lora) + count_params(base)
     if args.platform != "cpu":
-        return _export(args, fn, operands, mesh, what, n_params, cfg)
+        return _lower_for_platform(args, fn, operands, mesh, what, n_params, cfg)
     if not args.no_gather:  # traced under the mesh: each scanned layer gathers its weights over 'fsdp'
         fn = on_mesh(fn, mesh)
     t0 = time.perf_counter()
@@ -141,7 +141,7 @@ def main(argv=None):
           f"{parts}" + (f" ({unknown} loop(s) of unknown trip count counted once)" if unknown else ""))
 
 
-def _export(args, fn, operands, mesh, what, n_params, cfg) -> None:
+def _lower_for_platform(args, fn, operands, mesh, what, n_params, cfg) -> None:
     """--platform cuda / tpu: the program lowered for that platform, and the kernels in it."""
     import contextlib
 

@@ -68,14 +68,20 @@ def _assumed_cudnn(version: int | None) -> Iterator[None]:
         cudnn_attention.check_cudnn_version = original
 
 
+@contextlib.contextmanager
+def _jitted_for(fn: Callable, platform: str, assume_cudnn_version: int | None) -> Iterator[Any]:
+    """`fn` jitted (unless it already is), with model code tracing for `platform` inside."""
+    with traced_for(platform), _assumed_cudnn(assume_cudnn_version if platform == "cuda" else None):
+        yield fn if hasattr(fn, "trace") else jax.jit(fn)
+
+
 def lower_for(fn: Callable, platform: str, *args: Any, assume_cudnn_version: int | None = None,
               **kwargs: Any) -> jax.stages.Lowered:
     """`jax.jit(fn)` traced for `platform` (`traced_for`) and lowered for it; `args` may be
     `jax.ShapeDtypeStruct`s with shardings. The StableHLO (`.as_text()`) is that platform's
     program; compiling it needs the platform's devices. On a host without cuDNN, 'cuda' needs
     `assume_cudnn_version` (e.g. 91000 for cuDNN 9.10)."""
-    jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
-    with traced_for(platform), _assumed_cudnn(assume_cudnn_version if platform == "cuda" else None):
+    with _jitted_for(fn, platform, assume_cudnn_version) as jitted:
         return jitted.trace(*args, **kwargs).lower(lowering_platforms=(platform,))
 
 
@@ -86,8 +92,7 @@ def export_for(fn: Callable, platform: str, *args: Any, assume_cudnn_version: in
     JAX cannot serialise cuDNN attention over a multi-device mesh (its partitioning rule is a
     Python callback); `lower_for` can lower it."""
     checks = [export.DisabledSafetyCheck.custom_call(name) for name in KERNEL_CUSTOM_CALLS]
-    jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
-    with traced_for(platform), _assumed_cudnn(assume_cudnn_version if platform == "cuda" else None):
+    with _jitted_for(fn, platform, assume_cudnn_version) as jitted:
         return export.export(jitted, platforms=[platform], disabled_checks=checks)(*args, **kwargs)
 
 

@@ -258,12 +258,11 @@ def split_by_batch(x: jax.Array) -> jax.Array:
     mesh. For an embedding lookup's output: the table is split over 'fsdp' along its width, so
     the looked-up activations come out split by width, and XLA's partitioner carried that layout
     into every layer and gathered them at each norm (T5-XXL on fsdp=8: 3 GiB a call on top of the
-    8.9 GiB of weights; benchmarks/RESULTS.md, nineteenth session)."""
+    8.6 GiB of layer weights; benchmarks/RESULTS.md, nineteenth session)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return x
-    splits = mesh.shape["data"] * mesh.shape["fsdp"]
-    lead = BATCH_AXES if x.shape[0] % splits == 0 else None
+    lead = BATCH_AXES if x.shape[0] % data_parallel_size(mesh) == 0 else None
     return jax.lax.with_sharding_constraint(x, P(lead, *([None] * (x.ndim - 1))))
 
 
