@@ -335,11 +335,11 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     if not mesh.empty and mesh.size > 1:
         from jax.sharding import PartitionSpec as P
 
-        batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
-        if b % int(np.prod([mesh.shape[a] for a in batch_axes] or [1])):
-            batch_axes = ()
+        from pico_jax.parallel import BATCH_AXES, data_parallel_size
+
+        batch_split = set(BATCH_AXES) <= set(mesh.axis_names) and b % data_parallel_size(mesh) == 0
         head_axis = "tensor" if head_groups(h) > 1 else None
-        spec = P(batch_axes or None, head_axis, None, None)
+        spec = P(BATCH_AXES if batch_split else None, head_axis, None, None)
         per_device = jax.shard_map(per_device, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
     out = per_device(*args)
     return jnp.swapaxes(out, 1, 2)[:, :n]
