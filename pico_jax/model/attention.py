@@ -177,21 +177,107 @@ def head_groups(num_heads: int) -> int:
     return t if t > 1 and num_heads % t == 0 else 1
 
 
-def map_heads(fn, xs):
-    """`jax.lax.map(fn, xs)` over heads-first arrays (H, ...), tensor-parallel aware.
+def map_heads(fn, xs, heads_per_step: int = 1):
+    """`jax.lax.map(fn, xs)` over heads-first arrays (H, ...), tensor-parallel aware, `heads_per_step`
+    heads at a time (folded into fn's leading batch axis, so fn must treat that axis as a batch;
+    heads_per_step must divide each device's heads).
 
     A loop over the heads axis cannot be split across devices: with heads sharded over 'tensor',
     XLA's partitioner gathers every head onto every device and each computes them all (an
     all-gather of q, k and v per layer: 72 of the 104 GiB a tensor=8 FLUX.1-dev forward
     gathered, benchmarks/RESULTS.md, eighteenth session). With g head groups the loop runs over
-    H / g steps and each step is vmapped over the g groups, whose axis stays sharded."""
+    H / (g * heads_per_step) steps and each step is vmapped over the g groups, whose axis stays
+    sharded."""
     h = jax.tree.leaves(xs)[0].shape[0]
     g = head_groups(h)
-    if g == 1:
-        return jax.lax.map(fn, xs)
-    grouped = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(g, h // g, *x.shape[1:]), 0, 1), xs)
-    out = jax.lax.map(jax.vmap(fn), grouped)  # (H / g, g, ...)
-    return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(h, *y.shape[2:]), out)
+    s = heads_per_step
+    if (h // g) % s:
+        raise ValueError(f"heads_per_step={s} does not divide the {h // g} heads of each of {g} head groups")
+    if target_backend() == "cpu":
+        fn, xs, restore = _through_bits(fn, xs)
+    else:
+        restore = lambda ys: ys  # noqa: E731
+    if g == 1 and s == 1:
+        return restore(jax.lax.map(fn, xs))
+    step = _folding_heads(fn, s) if s > 1 else fn
+    step = jax.vmap(step) if g > 1 else step
+
+    def to_steps(x):  # (H, ...) -> (H / (g s), g, s, ...), g and s dropped where 1
+        x = jnp.swapaxes(x.reshape(g, h // (g * s), s, *x.shape[1:]), 0, 1)
+        return x.reshape(h // (g * s), *((g,) if g > 1 else ()), *((s,) if s > 1 else ()), *x.shape[3:])
+
+    def from_steps(y):
+        y = y.reshape(h // (g * s), g, s, *y.shape[1 + (g > 1) + (s > 1):])
+        return jnp.swapaxes(y, 0, 1).reshape(h, *y.shape[3:])
+
+    return restore(jax.tree.map(from_steps, jax.lax.map(step, jax.tree.map(to_steps, xs))))
+
+
+def _folding_heads(fn, s: int):
+    """fn over s heads at once, folded into its arguments' leading (batch) axis: (s, B, ...) ->
+    (B * s, ...) -> fn -> (s, B, ...). vmapping fn over them instead gave the batched products an
+    (s, B) batch that XLA:CPU laid out apart from the next op's and copied (one pass over each
+    (N, N) product at B = 1). The batch stays the major part of the folded axis, so a batch split
+    over devices stays split (heads first, XLA's partitioner gathered it)."""
+
+    def fold(a):
+        return jnp.swapaxes(a, 0, 1).reshape(a.shape[1] * s, *a.shape[2:])
+
+    def unfold(a):
+        return jnp.swapaxes(a.reshape(a.shape[0] // s, s, *a.shape[1:]), 0, 1)
+
+    def step(x):
+        return jax.tree.map(unfold, fn(jax.tree.map(fold, x)))
+
+    return step
+
+
+def _through_bits(fn, xs):
+    """(fn', xs', restore) for a loop over xs whose bf16/fp16 inputs and outputs cross the loop
+    boundary as their uint16 bits. XLA:CPU's float normalisation rewrites a bf16 dynamic-slice or
+    dynamic-update-slice to fp32: the loop's bf16 inputs were converted whole to fp32 before it,
+    and its bf16 output was converted whole to fp32 and back at every step (the headwise forward's
+    loop, twenty-first session); uint16 slices and updates are plain copies."""
+    narrow = lambda x: jnp.dtype(x.dtype) in NARROW_FLOATS  # noqa: E731
+    to_bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16) if narrow(x) else x  # noqa: E731
+    in_dtypes = jax.tree.map(lambda x: x.dtype, xs)
+    out_dtypes = []
+
+    def fn_bits(x):
+        x = jax.tree.map(lambda b, d: jax.lax.bitcast_convert_type(b, d) if b.dtype != d else b, x, in_dtypes)
+        y = fn(x)
+        out_dtypes[:] = [jax.tree.map(lambda a: a.dtype, y)]
+        return jax.tree.map(to_bits, y)
+
+    def restore(ys):
+        return jax.tree.map(lambda b, d: jax.lax.bitcast_convert_type(b, d) if b.dtype != d else b, ys, out_dtypes[0])
+
+    return fn_bits, jax.tree.map(to_bits, xs), restore
+
+
+LOGITS_STEP_BYTES = 10 * 2**20
+
+
+def heads_per_step(dtype, num_heads: int, batch: int, num_queries: int, num_keys: int) -> int:
+    """How many heads the headwise forward handles per loop step: for bf16/fp16, the most (of each
+    device's heads) whose fp32 logits fit LOGITS_STEP_BYTES together; one for fp32.
+
+    On the Intel Xeon (AMX) of the twenty-first session one layer's bf16 attention at 1,056 tokens
+    (8 x 64) took 18–20 ms one head a step, 9.3 ms two heads a step (8.5 MiB of logits), and
+    40 ms with 4 or 8 heads a step once the step's logits passed ~16 MiB; fp32 gained 4 %
+    (16.5 -> 15.8 ms), within what the AMD machines of earlier sessions were never measured on,
+    so fp32 keeps one head a step (benchmarks/RESULTS.md, twenty-first session)."""
+    if jnp.dtype(dtype) not in NARROW_FLOATS:
+        return 1
+    local_heads = num_heads // head_groups(num_heads)
+    mesh = jax.sharding.get_abstract_mesh()
+    from pico_jax.parallel import BATCH_AXES, data_parallel_size
+
+    if not mesh.empty and set(BATCH_AXES) <= set(mesh.axis_names) and batch % data_parallel_size(mesh) == 0:
+        batch //= data_parallel_size(mesh)  # each device's share of the batch
+    per_head = batch * num_queries * num_keys * 4
+    fitting = [s for s in range(1, local_heads + 1) if local_heads % s == 0 and s * per_head <= LOGITS_STEP_BYTES]
+    return max(fitting, default=1)
 
 
 def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -206,15 +292,21 @@ def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Arr
 
     def one_head(qkv):
         qh, kh, vh = qkv  # (B, N, D)
-        logits = jnp.einsum("bqd,bkd->bqk", qh, kh, preferred_element_type=jnp.float32) * scale
+        # The scale goes into the exponent, after the max (it is positive): applied to the logits
+        # it was a pass of its own over the fp32 (N, N) product (bf16: 6.4 of 154 ms a forward).
+        logits = jnp.einsum("bqd,bkd->bqk", qh, kh, preferred_element_type=jnp.float32)
         m = logits.max(-1, keepdims=True)
-        e = jnp.exp(logits - m)
-        total = e.sum(-1, keepdims=True)
-        out = jnp.einsum("bqk,bkd->bqd", e.astype(pv_dtype), vh.astype(pv_dtype),
-                         preferred_element_type=jnp.float32) / total
-        return out.astype(q.dtype), (m + jnp.log(total))[..., 0]
+        e = jnp.exp((logits - m) * scale).astype(pv_dtype)
+        # The normaliser sums the exponentials the value product takes (rounded to bf16/fp16,
+        # summed in fp32): summing the fp32 ones instead kept an fp32 (N, N) copy for two readers,
+        # one more pass over it (bf16, one layer at 1,056 tokens: 13.1 -> 9.6 ms in query blocks).
+        total = e.astype(jnp.float32).sum(-1, keepdims=True)
+        out = jnp.einsum("bqk,bkd->bqd", e, vh.astype(pv_dtype), preferred_element_type=jnp.float32) / total
+        return out.astype(q.dtype), (m * scale + jnp.log(total))[..., 0]
 
-    out, lse = map_heads(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)))
+    b, n, h, _ = q.shape
+    step = heads_per_step(q.dtype, h, b, n, k.shape[1])
+    out, lse = map_heads(one_head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v)), step)
     return jnp.moveaxis(out, 0, 2), lse
 
 
