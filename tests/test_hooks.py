@@ -176,6 +176,67 @@ def test_headwise_bf16_gradient_upcasts_no_square_factor():
     assert upcasts == [], upcasts
 
 
+def test_heads_per_step_fits_each_devices_logits_in_the_budget():
+    from pico_jax.model.attention import heads_per_step
+    from pico_jax.parallel import make_mesh
+
+    assert heads_per_step(jnp.float32, 8, 1, 1056, 1056) == 1  # fp32: one head a step
+    assert heads_per_step(jnp.bfloat16, 8, 1, 1056, 1056) == 2  # 2 x 4.3 MiB of fp32 logits
+    assert heads_per_step(jnp.bfloat16, 24, 1, 4608, 4608) == 1  # one head is over the budget already
+    assert heads_per_step(jnp.bfloat16, 24, 1, 300, 300) == 24
+    assert heads_per_step(jnp.bfloat16, 8, 8, 1056, 1056) == 1
+    with jax.set_mesh(make_mesh("data=8")):  # each device holds one of the 8 batch rows
+        assert heads_per_step(jnp.bfloat16, 8, 8, 1056, 1056) == 2
+    with jax.set_mesh(make_mesh("data=2,tensor=4")):  # and 2 of the 8 heads
+        assert heads_per_step(jnp.bfloat16, 8, 2, 300, 300) == 2
+        assert heads_per_step(jnp.bfloat16, 8, 3, 1056, 1056) == 1  # 3 rows do not split over 2
+
+
+@pytest.mark.parametrize("mesh_spec", [None, "data=2,tensor=2"])
+def test_map_heads_in_steps_of_several_heads_equals_the_plain_loop(mesh_spec):
+    """Several heads a step (folded into the batch axis), bf16 crossing the loop as bits, head groups
+    on a tensor mesh: the same numbers as `lax.map` one head at a time."""
+    from pico_jax.model.attention import map_heads
+    from pico_jax.parallel import make_mesh, on_mesh
+
+    g = np.random.default_rng(3)
+    q = jnp.asarray(g.standard_normal((8, 2, 5, 4)), jnp.bfloat16)  # (H, B, N, D)
+    w = jnp.asarray(g.standard_normal((8, 2, 5)), jnp.float32)
+
+    def fn(x):
+        qh, wh = x
+        return (qh * 2).astype(jnp.bfloat16), jnp.sum(qh.astype(jnp.float32), -1) * wh
+
+    want = jax.lax.map(fn, (q, w))
+    for steps in (1, 2, 4):
+        run = jax.jit(lambda q, w, s=steps: map_heads(fn, (q, w), s))
+        got = run(q, w) if mesh_spec is None else on_mesh(run, make_mesh(mesh_spec))(q, w)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="heads_per_step=3 does not divide the 8 heads"):
+        map_heads(fn, (q, w), 3)
+
+
+def test_headwise_bf16_forward_keeps_no_fp32_copy_of_its_inputs_or_output(monkeypatch):
+    """XLA:CPU rewrites a bf16 dynamic-slice / dynamic-update-slice to fp32: the head loop's bf16
+    inputs were converted whole to fp32 before it and its output whole to fp32 and back at every
+    step, until they crossed the loop as uint16 bits (`map_heads`)."""
+    import re
+
+    from pico_jax.model import attention as attention_module
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the fp32 rewrite is XLA:CPU's")
+    b, n, h, d = 1, 96, 4, 32
+    monkeypatch.setattr(attention_module, "LOGITS_STEP_BYTES", 2 * b * n * n * 4)  # 2 steps of 2 heads
+    headwise_attention = attention_module.headwise_attention
+    x = jnp.ones((b, n, h, d), jnp.bfloat16)
+    hlo = jax.jit(headwise_attention).lower(x, x, x).compile().as_text()
+    f32_sizes = [int(np.prod([int(s) for s in dims.split(",")])) for dims in re.findall(r"f32\[([\d,]+)\]", hlo)]
+    assert f32_sizes and b * n * h * d not in f32_sizes, sorted(set(f32_sizes))
+
+
 def test_attention_implementation_per_backend(monkeypatch):
     from pico_jax.model.attention import attention_implementation as impl
 
