@@ -368,7 +368,9 @@ def _headwise_bwd(residuals, d_out):
 
     heads_first = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, d_out))  # (H, B, N, D)
     k_t = jnp.transpose(k, (2, 0, 3, 1))  # (H, B, D, N)
-    dq_t, dk, dv = map_heads(one_head, (*heads_first, lse, jnp.moveaxis(delta, 2, 0), k_t))
+    b, n, h, _ = q.shape
+    step = heads_per_step(q.dtype, h, b, n, k.shape[1])
+    dq_t, dk, dv = map_heads(one_head, (*heads_first, lse, jnp.moveaxis(delta, 2, 0), k_t), step)
     dq = jnp.transpose(dq_t, (0, 1, 3, 2))
     return tuple(jnp.moveaxis(g, 0, 2) for g in (dq, dk, dv))  # already in the inputs' dtypes
 
