@@ -2,8 +2,9 @@
 
 Every attention call in the FLUX transformer goes through `attention()`. Ordinary layers use
 the backend's best exact kernel (`attention_implementation()`): cuDNN flash attention on GPU for
-bf16/fp16, Pallas splash attention on TPU, head-by-head attention on CPU (one head's N×N logits at a time, normalised after the
-value product; 3.5× faster than XLA's all-heads softmax at 1,056 tokens on 2 cores), XLA's
+bf16/fp16, Pallas splash attention on TPU, head-by-head attention on CPU (a loop over heads, as
+many a step as keep the step's fp32 logits within 10 MiB for bf16, one for fp32; normalised after
+the value product; 3.5× faster than XLA's all-heads softmax at 1,056 tokens on 2 cores), XLA's
 `dot_product_attention` elsewhere. Note that `jax.nn.dot_product_attention` with no
 `implementation` is XLA on every backend, never cuDNN, so the choice is made here explicitly.
 A layer selected by a hook instead computes its logits explicitly, one head at a time (so a
@@ -237,7 +238,7 @@ def _through_bits(fn, xs):
     boundary as their uint16 bits. XLA:CPU's float normalisation rewrites a bf16 dynamic-slice or
     dynamic-update-slice to fp32: the loop's bf16 inputs were converted whole to fp32 before it,
     and its bf16 output was converted whole to fp32 and back at every step (the headwise forward's
-    loop, twenty-first session); uint16 slices and updates are plain copies."""
+    loop, twenty-second session); uint16 slices and updates are plain copies."""
     narrow = lambda x: jnp.dtype(x.dtype) in NARROW_FLOATS  # noqa: E731
     to_bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16) if narrow(x) else x  # noqa: E731
     in_dtypes = jax.tree.map(lambda x: x.dtype, xs)
@@ -259,14 +260,14 @@ LOGITS_STEP_BYTES = 10 * 2**20
 
 
 def heads_per_step(dtype, num_heads: int, batch: int, num_queries: int, num_keys: int) -> int:
-    """How many heads the headwise forward handles per loop step: for bf16/fp16, the most (of each
+    """How many heads the headwise kernel handles per loop step: for bf16/fp16, the most (of each
     device's heads) whose fp32 logits fit LOGITS_STEP_BYTES together; one for fp32.
 
-    On the Intel Xeon (AMX) of the twenty-first session one layer's bf16 attention at 1,056 tokens
-    (8 x 64) took 18–20 ms one head a step, 9.3 ms two heads a step (8.5 MiB of logits), and
-    40 ms with 4 or 8 heads a step once the step's logits passed ~16 MiB; fp32 gained 4 %
-    (16.5 -> 15.8 ms), within what the AMD machines of earlier sessions were never measured on,
-    so fp32 keeps one head a step (benchmarks/RESULTS.md, twenty-first session)."""
+    On the Intel Xeon (AMX) of the twenty-second session one layer's bf16 attention at 1,056
+    tokens (8 x 64) took 18–20 ms one head a step, 9.3 ms two heads a step (8.5 MiB of logits),
+    and 40 ms with 4 or 8 heads a step once a step's logits passed ~16 MiB. fp32 gained 4 % from
+    two heads a step (16.5 -> 15.8 ms), unmeasured on the AMD machines of earlier sessions, so it
+    keeps one (benchmarks/RESULTS.md, twenty-second session)."""
     if jnp.dtype(dtype) not in NARROW_FLOATS:
         return 1
     local_heads = num_heads // head_groups(num_heads)
@@ -312,14 +313,16 @@ def _headwise_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Arr
 
 @jax.custom_vjp
 def headwise_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Exact attention one head at a time (lax.map over heads): a head's (B, N, N) logits are small
-    enough to stay in cache where all heads' are not, and the softmax normaliser is applied to the
-    (N, D) output instead of the (N, N) probabilities. Logits, exponentials and sums in fp32 (the
-    value product of bf16/fp16 inputs in that dtype, accumulated in fp32: `_headwise_forward`).
+    """Exact attention a few heads at a time (lax.map over heads, `heads_per_step`: one for fp32, as
+    many as fit 10 MiB of fp32 logits for bf16/fp16): a step's logits stay small where all heads'
+    are not, and the softmax normaliser is applied to the (N, D) output instead of the (N, N)
+    probabilities. Logits, exponentials and sums in fp32 (the value product of bf16/fp16 inputs in
+    that dtype, accumulated in fp32, and the sum taken over those rounded exponentials:
+    `_headwise_forward`).
     (B, N, H, D) × 3 → (B, N, H, D).
 
     The gradient is flash-attention style (custom VJP): the forward keeps only the output and the
-    per-query log-sum-exp, and the backward recomputes one head's probabilities at a time. Plain
+    per-query log-sum-exp, and the backward recomputes a step's probabilities at a time. Plain
     autodiff would keep every head's N×N exponentials alive for the backward and spend most of the
     step in broadcast elementwise ops over them."""
     return _headwise_forward(q, k, v)[0]
