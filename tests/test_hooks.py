@@ -171,8 +171,12 @@ def test_headwise_bf16_gradient_upcasts_no_square_factor():
     x = jnp.ones((1, n, 2, 32), jnp.bfloat16)
     grad = jax.grad(lambda q, k, v: jnp.sum(headwise_attention(q, k, v).astype(jnp.float32)), (0, 1, 2))
     hlo = jax.jit(grad).lower(x, x, x).compile().as_text()
-    upcasts = re.findall(rf"= f32\[(?:1,)?{n},{n}\]\S* convert\(", hlo)
-    assert "bf16[1,96,96]" in hlo or "bf16[96,96]" in hlo  # the square factors are there, narrow
+    # (a leading axis: the batch, with the heads of a loop step folded into it). A convert inside a
+    # reduction's fusion is not a copy: the forward's normaliser sums the rounded exponentials so.
+    computations = hlo.split("\n\n")
+    upcasts = [m for c in computations if not re.search(r"ROOT [^\n]* reduce\(", c)
+               for m in re.findall(rf"= f32\[(?:\d+,)?{n},{n}\]\S* convert\(", c)]
+    assert re.search(rf"bf16\[(?:\d+,)?{n},{n}\]", hlo)  # the square factors are there, narrow
     assert upcasts == [], upcasts
 
 
