@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pico_jax.backend import target_backend
+from pico_jax.parallel import BATCH_AXES, data_parallel_size
 
 
 class Clone(NamedTuple):
@@ -194,10 +195,9 @@ def map_heads(fn, xs, heads_per_step: int = 1):
     s = heads_per_step
     if (h // g) % s:
         raise ValueError(f"heads_per_step={s} does not divide the {h // g} heads of each of {g} head groups")
-    if target_backend() == "cpu":
+    restore = lambda ys: ys  # noqa: E731
+    if target_backend() == "cpu" and any(jnp.dtype(x.dtype) in NARROW_FLOATS for x in jax.tree.leaves(xs)):
         fn, xs, restore = _through_bits(fn, xs)
-    else:
-        restore = lambda ys: ys  # noqa: E731
     if g == 1 and s == 1:
         return restore(jax.lax.map(fn, xs))
     step = _folding_heads(fn, s) if s > 1 else fn
@@ -277,8 +277,6 @@ def heads_per_step(dtype, num_heads: int, batch: int, num_queries: int, num_keys
         return 1
     local_heads = num_heads // head_groups(num_heads)
     mesh = jax.sharding.get_abstract_mesh()
-    from pico_jax.parallel import BATCH_AXES, data_parallel_size
-
     if not mesh.empty and set(BATCH_AXES) <= set(mesh.axis_names) and batch % data_parallel_size(mesh) == 0:
         batch //= data_parallel_size(mesh)  # each device's share of the batch
     per_head = batch * num_queries * num_keys * 4
@@ -436,8 +434,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:
         from jax.sharding import PartitionSpec as P
-
-        from pico_jax.parallel import BATCH_AXES, data_parallel_size
 
         batch_split = set(BATCH_AXES) <= set(mesh.axis_names) and b % data_parallel_size(mesh) == 0
         head_axis = "tensor" if head_groups(h) > 1 else None
