@@ -27,22 +27,23 @@ On a GPU session. First, here (pure-Python wheel; `.whl/` is git-ignored, so it 
 
   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1
 
-then through the device tool `run` (it runs in the repo root; `python3` there holds jax[cuda],
-flax, optax, torch, transformers; one call may run at most 10 minutes and a session has about 30
-minutes of device time, so split the sections over a few calls, each command one line):
+then one call of the device tool `run` (it runs in the repo root; `python3` there holds jax[cuda],
+flax, optax, torch, transformers). A session now has 15 minutes of device time, the machine's
+start included, and one call at most 10; so run everything in one call, under a budget:
 
-  run(carry=[".whl"], command="python3 -m pip install -q --no-index --no-deps --no-compile
-      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
-      PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu_flux.py --sections forward,diffusers")
-  run(command="PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu_flux.py --sections sample")
-  run(command="PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu_flux.py --sections lora")
-  run(command="PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu_flux.py --sections lora --remat dots")
+  run(carry=[".whl"], timeout_s=480, command="set -o pipefail; python3 -m pip install -q --no-index
+      --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+      export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu_flux.py
+      --budget-s 420 --results-json $OUT/results.json 2>&1 | tee $OUT/bench.log")
 
-(`forward` measures the matmul rate first, so the first call prints every number of the forward
-targets.) If `sample` does not fit in one call, split its modes (--sample-modes one,early, then
---sample-modes full) or lower --steps/--seeds. Run `lora` alone: the device's peak memory is the
-process's peak, so earlier sections of the same process would show in it. Add
-`2>&1 | tee $OUT/bench.log` (with `set -o pipefail;` first) to keep the whole log.
+--budget-s runs each group of sections in a process of its own, most important first, each given
+what is left of the budget and killed past it: (1) matmul, forward, diffusers (the forward targets;
+diffusers reuses the forward's weights), (2) sample one,early (the early/one target), (3) lora
+(alone, so the device's peak memory is the step's), (4) sample full. What ran is printed as it
+runs, and the summary says which groups did not fit; --results-json (written after every section,
+so a killed run keeps what it measured) has every number. If device time is left (`status`), a
+second call can take what did not fit (e.g. --sections lora --remat dots, or --sample-modes full).
+Without --budget-s every section runs in this one process, in the order listed above.
 Before a GPU is lent (every section, tiny, on CPU; tests/test_bench_gpu_smoke.py runs this):
 
   .venv/bin/python benchmarks/bench_gpu_flux.py --toy
@@ -56,10 +57,14 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -212,7 +217,7 @@ class Bench:
     args: argparse.Namespace
     cfg: FluxConfig
     dtype: Any
-    results: dict[str, float] = dataclasses.field(default_factory=dict)
+    results: dict[str, Any] = dataclasses.field(default_factory=dict)
     ran: list[str] = dataclasses.field(default_factory=list)
     _model: FluxTransformer | None = None
     _inputs: dict[str, np.ndarray] | None = None
@@ -589,7 +594,8 @@ def section_lora(bench: Bench) -> None:
           f"compile {compile_s:.1f} s, first step {first * 1e3:.0f} ms", flush=True)
     others = [s for s in bench.ran if s != "lora"]
     note = f" (process peak: includes {', '.join(others)}; run --sections lora alone)" if others else ""
-    print(f"lora memory: {memory_line()}{note}; {compiled_memory(compiled)}", flush=True)
+    bench.results["lora_memory"] = memory_line()
+    print(f"lora memory: {bench.results['lora_memory']}{note}; {compiled_memory(compiled)}", flush=True)
     del state, base
     free_memory()
 
@@ -626,7 +632,9 @@ def header(bench: Bench) -> None:
         print("note: no GPU; the full-size model on CPU is very slow and large (use --toy)", flush=True)
 
 
-def summary(bench: Bench) -> None:
+def summary(bench: Bench, incomplete: list[str] | None = None) -> None:
+    """The results against issue #7's targets; `incomplete` (default: the sections that did not
+    run in this process) is listed as failed."""
     r = bench.results
 
     def verdict(ok: bool) -> str:
@@ -648,10 +656,11 @@ def summary(bench: Bench) -> None:
         print(f"summary: best-of-{bench.args.seeds} early / one = {e:.2f} (target <= {TARGET_EARLY_OVER_ONE:.0f}): "
               f"{verdict(e <= TARGET_EARLY_OVER_ONE)}")
     if "lora_s" in r:
-        print(f"summary: LoRA step (remat={bench.args.remat}) {r['lora_s'] * 1e3:.1f} ms; {memory_line()}")
-    failed = [s for s in bench.args.sections if s not in bench.ran]
-    if failed:
-        print(f"summary: FAILED sections: {', '.join(failed)}")
+        print(f"summary: LoRA step (remat={bench.args.remat}) {r['lora_s'] * 1e3:.1f} ms; {r['lora_memory']}")
+    if incomplete is None:
+        incomplete = [s for s in bench.args.sections if s not in bench.ran]
+    if incomplete:
+        print(f"summary: FAILED sections: {', '.join(incomplete)}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -671,6 +680,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sample-repeat", type=int, default=1, help="timed runs per sampling mode (median)")
     ap.add_argument("--remat", default="full", choices=("full", "dots", "nothing", "none"), help="LoRA step remat")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    ap.add_argument("--budget-s", type=float, metavar="SECONDS",
+                    help="run the section groups each in a process of its own, most important first, "
+                         "within SECONDS of wall time in all (a group past it is killed, later ones skipped)")
+    ap.add_argument("--results-json", metavar="PATH",
+                    help="write every result as JSON to PATH after each section (kept if the run is killed)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # a --budget-s group: no summary
     args = ap.parse_args(argv)
     defaults = dict(tokens=(8, 64), text=(8, 512), repeat=(2, 5), steps=(3, 28), seeds=(2, 8))
     for name, (toy, full) in defaults.items():
@@ -683,13 +698,112 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"unknown section(s)/mode(s) {bad}; sections: {','.join(SECTIONS)}; modes: one,full,early")
     if args.tokens < 2 or args.tokens % 2:
         ap.error("--tokens must be even (a 2x2 canvas of panels)")
+    if args.budget_s is not None and args.budget_s <= 0:
+        ap.error("--budget-s must be positive")
     return args
+
+
+def write_results(bench: Bench, path: str | None) -> None:
+    """bench.results and the sections that ran, as JSON at `path` (atomically: a reader never sees
+    half a file, even if this process is killed mid-write)."""
+    if path is None:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"results": bench.results, "ran": bench.ran}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ --budget-s
+# Options a child process gets as they were given (or defaulted) to the parent.
+PASSED_OPTIONS = ("config", "tokens", "text", "dtype", "repeat", "steps", "seeds", "keep", "score_steps",
+                  "sample_repeat", "remat", "rank")
+
+
+def budget_groups(args: argparse.Namespace) -> list[tuple[list[str], list[str] | None]]:
+    """(sections, sample modes or None) of each child process, most important first: the forward
+    targets (matmul rate, forward, diffusers on the same weights), early selection against one
+    sample, the LoRA step (alone, so the device's peak memory is its own), best-of-S full."""
+    groups: list[tuple[list[str], list[str] | None]] = []
+    forward = [s for s in ("matmul", "forward", "diffusers") if s in args.sections]
+    if forward:
+        groups.append((forward, None))
+    sample = "sample" in args.sections
+    quick = [m for m in args.sample_modes if m in ("one", "early")]
+    if sample and quick:
+        groups.append((["sample"], quick))
+    if "lora" in args.sections:
+        groups.append((["lora"], None))
+    if sample and "full" in args.sample_modes:
+        groups.append((["sample"], ["full"]))
+    return groups
+
+
+def child_argv(args: argparse.Namespace, sections: list[str], modes: list[str] | None, results: str) -> list[str]:
+    argv = ["--toy"] if args.toy else []
+    argv += [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in PASSED_OPTIONS]
+    argv += [f"--sections={','.join(sections)}", f"--results-json={results}", "--child"]
+    if modes:
+        argv.append(f"--sample-modes={','.join(modes)}")
+    return argv
+
+
+def read_results(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:  # the child was killed (or failed) before its first section ended
+        return {"results": {}, "ran": []}
+
+
+def run_budgeted(bench: Bench) -> int:
+    """Each of `budget_groups` in a child process of this script, in order, each given what is left
+    of --budget-s (killed past it, with its process group); the children print as they go, and
+    the summary merges what they measured. This process never touches the device."""
+    args = bench.args
+    deadline = time.monotonic() + args.budget_s
+    incomplete: list[str] = []
+    print(f"budget: {args.budget_s:.0f} s for {len(budget_groups(args))} process(es), most important first", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (sections, modes) in enumerate(budget_groups(args)):
+            label = ",".join(sections) + (f" ({','.join(modes)})" if modes else "")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                incomplete.append(f"{label} (not started: budget spent)")
+                continue
+            print(f"budget: == {label}, {left:.0f} s left ==", flush=True)
+            path = os.path.join(tmp, f"{i}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), *child_argv(args, sections, modes, path)]
+            proc = subprocess.Popen(cmd, start_new_session=True)
+            t0 = time.monotonic()
+            try:
+                code: int | None = proc.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                code = None
+            child = read_results(path)
+            bench.results.update(child["results"])
+            bench.ran += [s for s in child["ran"] if s not in bench.ran]
+            took = time.monotonic() - t0
+            if code is None:
+                incomplete.append(f"{label} (killed at the budget after {took:.0f} s; "
+                                  f"finished: {', '.join(child['ran']) or 'none'})")
+            elif code != 0:
+                incomplete.append(f"{label} (exit {code} after {took:.0f} s)")
+            print(f"budget: {label} {'killed' if code is None else f'exit {code}'} after {took:.0f} s", flush=True)
+    report_sample_ratios(bench)  # full/one when they ran in different processes
+    write_results(bench, args.results_json)
+    summary(bench, incomplete)
+    return 0 if not incomplete else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = toy_config() if args.toy else FluxConfig.named(args.config)
     bench = Bench(args=args, cfg=cfg, dtype=jnp.dtype(args.dtype))
+    if args.budget_s is not None:
+        return run_budgeted(bench)
     header(bench)
     for name in SECTIONS:  # fixed order: matmul before forward, forward model before diffusers
         if name not in args.sections:
@@ -702,8 +816,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             print(f"{name}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
         free_memory()  # outside `except`: the traceback's frames would keep the failed section's arrays alive
+        write_results(bench, args.results_json)
         print(f"  ({name} section took {time.perf_counter() - t0:.1f} s)", flush=True)
-    summary(bench)
+    if not args.child:
+        summary(bench)
     return 0 if len(bench.ran) == len(args.sections) else 1
 
 

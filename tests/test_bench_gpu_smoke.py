@@ -2,6 +2,7 @@
 every section prints its numbers, diffusers agrees with our forward, and the summary compares each
 result with its issue #7 target. Guards the script before any GPU is lent."""
 
+import json
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ SCRIPT = ROOT / "benchmarks" / "bench_gpu_flux.py"
 NUMBER = r"([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)"
 
 
-def _run_toy() -> str:
+def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
@@ -23,10 +24,18 @@ def _run_toy() -> str:
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--toy", "--repeat", "2", "--steps", "3", "--seeds", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    return env
+
+
+def _run(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--toy", *flags],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
     )
+
+
+def _run_toy() -> str:
+    proc = _run("--repeat", "2", "--steps", "3", "--seeds", "2")
     out = proc.stdout
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{proc.stderr[-4000:]}"
     return out
@@ -66,3 +75,47 @@ def test_bench_gpu_flux_toy_runs_every_section():
     assert re.search(r"^summary: forward .* \(target >= 55%\): (MET|NOT MET)", out, re.MULTILINE)
     assert re.search(r"^summary: best-of-2 early / one = .* \(target <= 2\): (MET|NOT MET)", out, re.MULTILINE)
     assert re.search(r"^summary: LoRA step \(remat=full\)", out, re.MULTILINE)
+
+
+def test_budgeted_run_merges_children_into_one_summary_and_json(tmp_path):
+    """--budget-s runs each group in its own process; the parent's summary and --results-json
+    hold what every child measured."""
+    results = tmp_path / "results.json"
+    proc = _run("--repeat", "2", "--sections", "matmul,lora", "--budget-s", "300", "--results-json", str(results))
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{proc.stderr[-4000:]}"
+    assert "budget: == matmul" in out and "budget: == lora" in out, out
+    assert out.index("budget: == matmul") < out.index("budget: == lora")  # forward targets first
+    assert re.search(r"^summary: LoRA step \(remat=full\)", out, re.MULTILINE), out
+    assert "FAILED" not in out, out
+    data = json.loads(results.read_text())
+    assert set(data["ran"]) == {"matmul", "lora"}
+    assert data["results"]["matmul_jax"] > 0 and data["results"]["lora_s"] > 0
+
+
+def test_budget_spent_is_reported_and_fails():
+    """A budget too small for anything: the first child is killed (importing JAX alone takes
+    longer than 1 s), the next is never started, both are named, and the exit code says so."""
+    proc = _run("--sections", "matmul,lora", "--budget-s", "1")
+    out = proc.stdout
+    assert proc.returncode != 0, out
+    summary_line = next(line for line in out.splitlines() if line.startswith("summary: FAILED sections:"))
+    assert "matmul (killed at the budget" in summary_line, summary_line
+    assert "lora (not started: budget spent)" in summary_line, summary_line
+
+
+def test_budget_groups_put_the_forward_targets_first():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_gpu_flux as bench
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    args = bench.parse_args(["--toy", "--budget-s", "60"])
+    assert bench.budget_groups(args) == [
+        (["matmul", "forward", "diffusers"], None),
+        (["sample"], ["one", "early"]),
+        (["lora"], None),
+        (["sample"], ["full"]),
+    ]
+    args = bench.parse_args(["--toy", "--budget-s", "60", "--sections", "lora,sample", "--sample-modes", "full"])
+    assert bench.budget_groups(args) == [(["lora"], None), (["sample"], ["full"])]
