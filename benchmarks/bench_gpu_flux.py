@@ -44,6 +44,7 @@ runs, and the summary says which groups did not fit; --results-json (written aft
 so a killed run keeps what it measured) has every number. If device time is left (`status`), a
 second call can take what did not fit (e.g. --sections lora --remat dots, or --sample-modes full).
 Without --budget-s every section runs in this one process, in the order listed above.
+
 Before a GPU is lent (every section, tiny, on CPU; tests/test_bench_gpu_smoke.py runs this):
 
   .venv/bin/python benchmarks/bench_gpu_flux.py --toy
