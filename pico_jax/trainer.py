@@ -201,6 +201,19 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     ), schedule
 
 
+def optimizer_state_shardings(tx: optax.GradientTransformation, params, mesh) -> Any:
+    """Where each leaf of `tx.init(params)` lives: a copy of the parameters (Adam's moments) is
+    sharded as they are, the rest (step counts) replicated. Left to itself, `jax.jit(tx.init)`
+    puts the state on one device, since its zeros depend on no input's values; spread over the mesh
+    that was every device holding all of Adam's moments, where FSDP means each holds 1/fsdp."""
+    from pico_jax.parallel import replicated
+
+    return optax.tree_map_params(
+        tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params), params,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+
+
 # ------------------------------------------------------------------------------ the step
 def canvas_from_batch(batch: dict) -> jax.Array:
     """Panels (B, P, P, 3) in [-1, 1] → canvases (B, 2P, 2P, 3)."""
@@ -332,7 +345,7 @@ class Trainer:
         self._build_state()
 
     def _build_state(self):
-        from pico_jax.parallel import on_mesh, param_placer, shard_state, warn_unless_tensor_divides_heads
+        from pico_jax.parallel import on_mesh, param_placer, replicated, shard_state, warn_unless_tensor_divides_heads
 
         cfg = self.cfg
         model = build_model(cfg, place=param_placer(self.mesh))
@@ -347,20 +360,18 @@ class Trainer:
         self.trainable = shard_state(trainable, self.mesh)
         self.frozen = shard_state(frozen, self.mesh)
         self.tx, self.schedule = make_optimizer(cfg)
-        self.opt_state = self._on_mesh(jax.jit(self.tx.init)(self.trainable))
+        opt_shardings = optimizer_state_shardings(self.tx, self.trainable, self.mesh)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(self.trainable)
         self.ema = jax.tree.map(jnp.copy, self.trainable) if cfg.ema_decay > 0 else None
         step_fn = make_train_step(self.graphdef, self.ae, self.text, self.layout, cfg, self.tx, self.schedule)
+        # The state leaves the step laid out as it came in: the first step's executable serves every
+        # later one (without pinning, XLA's choice for the outputs differed from the inputs' and the
+        # second step compiled the program again), and donation can reuse each buffer in place.
+        keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+        out_shardings = (keep(self.trainable), opt_shardings, keep(self.ema), replicated(self.mesh))
         # Traced under the mesh so the scanned layers gather their weights over 'fsdp' (parallel.on_mesh).
-        self.step_fn = on_mesh(jax.jit(step_fn, donate_argnums=(0, 2, 3)), self.mesh)
+        self.step_fn = on_mesh(jax.jit(step_fn, donate_argnums=(0, 2, 3), out_shardings=out_shardings), self.mesh)
         self.step = 0
-
-    def _on_mesh(self, tree):
-        """Leaves not spread over the mesh (scalars like Adam's count) → replicated on it, so every
-        argument of the jitted step lives on the same devices."""
-        from pico_jax.parallel import replicated
-
-        n = self.mesh.devices.size
-        return jax.tree.map(lambda x: x if len(x.sharding.device_set) == n else jax.device_put(x, replicated(self.mesh)), tree)
 
     # --- checkpoints ---------------------------------------------------------------------
     def _manager(self):
@@ -411,7 +422,7 @@ class Trainer:
                 "session); its weights would load permuted. Export it with the pico_jax that wrote it "
                 "(Trainer.export or save_lora_diffusers) and start from that file.")
         st = restored["state"]
-        self.trainable, self.opt_state, self.step = st["trainable"], self._on_mesh(st["opt_state"]), int(st["step"])
+        self.trainable, self.opt_state, self.step = st["trainable"], st["opt_state"], int(st["step"])
         self.ema = st.get("ema")
         state_from_bytes(iterator, restored["data"]["iterator"].encode())
         return True

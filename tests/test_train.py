@@ -61,6 +61,34 @@ def test_sharded_step_equals_single_device():
             np.testing.assert_allclose(after8[k], after1[k], rtol=1e-4, atol=1e-6, err_msg=f"{mesh}: {k}")
 
 
+def test_optimizer_state_is_sharded_like_the_params_and_one_program_serves_every_step():
+    """Adam's moments live where their parameters do (over 'fsdp' each device holds its share, not a
+    replica), and the state leaves a step laid out as it came in, so the second step runs the first
+    step's executable instead of compiling again."""
+    import optax
+
+    tr = Trainer(micro(mesh="fsdp=8", ema_decay=0.5), "/tmp/unused", progress=False)
+    spec_of = lambda tree: [x.sharding.spec for x in jax.tree.leaves(tree)]
+    params = spec_of(tr.trainable)
+    assert any(any(a is not None for a in s) for s in params)  # the case that matters: some are split
+    same = jax.tree.leaves(optax.tree_map_params(tr.tx, lambda m, p: m.sharding == p.sharding, tr.opt_state,
+                                                 tr.trainable, transform_non_params=lambda _: None))
+    assert len(same) == 2 * len(params) and all(same)  # Adam's mu and nu, each where its parameter is
+    from pico_jax.parallel import batch_sharding
+    from pico_jax.trainer import make_data
+
+    it = iter(make_data(tr.cfg))
+    before = (spec_of(tr.trainable), spec_of(tr.opt_state), spec_of(tr.ema))
+    state = (tr.trainable, tr.opt_state, tr.ema)
+    for step in (0, 1):
+        batch = {k: jax.make_array_from_process_local_data(batch_sharding(tr.mesh, v.ndim), v)
+                 for k, v in next(it).items() if k in ("A", "A_out", "B", "B_out")}
+        trainable, opt_state, ema, _ = tr.step_fn(state[0], tr.frozen, state[1], state[2], batch, np.int32(step))
+        state = (trainable, opt_state, ema)
+        assert (spec_of(trainable), spec_of(opt_state), spec_of(ema)) == before
+    assert tr.step_fn.__wrapped__._cache_size() == 1
+
+
 def test_lora_step_changes_only_lora_params():
     cfg = micro(lora_rank=4, mesh="fsdp=8")
     tr = Trainer(cfg, "/tmp/unused", progress=False)
