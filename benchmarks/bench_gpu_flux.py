@@ -460,17 +460,20 @@ def sample_plans(args: argparse.Namespace, guidance: float | None) -> dict[str, 
 
 
 def report_sample_ratios(bench: Bench) -> None:
+    """Prints each ratio once: a ratio a child process already printed (and recorded) is not
+    printed again by the budgeted parent, which adds only those across processes (full/one)."""
     res, args = bench.results, bench.args
     if "sample_one_s" not in res:
         return
     one = res["sample_one_s"]
     T, S, m, k = args.steps, args.seeds, args.keep, args.score_steps
-    if "sample_early_s" in res:
+    if "sample_early_s" in res and "early_over_one" not in res:
         res["early_over_one"] = res["sample_early_s"] / one
         print(f"sample: early/one = {res['early_over_one']:.2f} (target <= {TARGET_EARLY_OVER_ONE:.0f}; ideal "
               f"model-call ratio (S*k + m*(T-k))/T = {(S * k + m * (T - k)) / T:.2f})", flush=True)
-    if "sample_full_s" in res:
-        print(f"sample: full/one = {res['sample_full_s'] / one:.2f} (ideal {S})", flush=True)
+    if "sample_full_s" in res and "full_over_one" not in res:
+        res["full_over_one"] = res["sample_full_s"] / one
+        print(f"sample: full/one = {res['full_over_one']:.2f} (ideal {S})", flush=True)
 
 
 def section_sample(bench: Bench) -> None:

@@ -12,6 +12,10 @@ Where it lives, first match wins:
   2. JAX's own setting, JAX_COMPILATION_CACHE_DIR, if the environment gives one;
   3. $PICO_JAX_COMPILE_CACHE (a directory, or 'off');
   4. $XDG_CACHE_HOME/pico_jax/xla, else ~/.cache/pico_jax/xla.
+
+Multi-process runs: JAX writes entries from process 0 only, and on XLA:CPU the other processes'
+keys differ from process 0's (their compile options and devices are hashed), so they compile
+every program on every run; measured with two processes on one machine (twenty-fourth session).
 """
 
 from __future__ import annotations

@@ -119,3 +119,21 @@ def test_budget_groups_put_the_forward_targets_first():
     ]
     args = bench.parse_args(["--toy", "--budget-s", "60", "--sections", "lora,sample", "--sample-modes", "full"])
     assert bench.budget_groups(args) == [(["lora"], None), (["sample"], ["full"])]
+
+
+def test_each_sample_ratio_is_printed_once_across_the_budgeted_processes(capsys):
+    """A child that ran one and early prints early/one; the parent, merging that child's results
+    with the full-sample child's, prints only what neither child could: full/one."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_gpu_flux as bench
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    args = bench.parse_args(["--toy", "--steps", "4", "--seeds", "8"])
+    child = bench.Bench(args, None, None, results={"sample_one_s": 2.0, "sample_early_s": 3.0})
+    bench.report_sample_ratios(child)
+    assert capsys.readouterr().out.count("early/one = 1.50") == 1
+    parent = bench.Bench(args, None, None, results={**child.results, "sample_full_s": 16.0})
+    bench.report_sample_ratios(parent)
+    out = capsys.readouterr().out
+    assert "early/one" not in out and "full/one = 8.00" in out
