@@ -262,7 +262,7 @@ def make_train_step(graphdef, ae, text, layout, cfg: TrainConfig, tx, schedule):
         trainable = optax.apply_updates(trainable, updates)
         if cfg.ema_decay > 0:
             ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, trainable)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
         return trainable, opt_state, ema, metrics
 
     return step_fn
