@@ -149,6 +149,14 @@ def test_resume_is_exact(tmp_path):
         assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
     for k, v in _flat(straight.trainable).items():
         np.testing.assert_array_equal(v, _flat(second.trainable)[k], err_msg=k)
+    # The restored optimizer state is laid out as a fresh one (Adam's moments on their parameters'
+    # shards), so the resumed run's three steps ran one compiled program.
+    import optax
+
+    same = jax.tree.leaves(optax.tree_map_params(second.tx, lambda m, p: m.sharding == p.sharding, second.opt_state,
+                                                 second.trainable, transform_non_params=lambda _: None))
+    assert same and all(same)
+    assert second.step_fn.__wrapped__._cache_size() == 1
 
     # A checkpoint from before the head-grouped layout (no 'param_layout' recorded) is refused, not
     # resumed with its fused columns permuted.
