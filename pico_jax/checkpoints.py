@@ -164,8 +164,10 @@ def load_pico(
     plan = plan.override(**plan_overrides)  # a bad override: ValueError, as before
     place = None
     if mesh is not None:
-        from pico_jax.parallel import param_placer
+        from pico_jax.parallel import check_batch_size, param_placer
 
+        # Before any weights are read, and reported as what it is (a MeshError), not as a bad checkpoint.
+        check_batch_size(batch_size, mesh, "batch_size")
         place = param_placer(mesh)
     transformer = load_flux_transformer(root / meta.get("transformer", "transformer"), dtype=dtype, place=place)
     try:

@@ -211,11 +211,12 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """MeshError unless the batch splits evenly over the mesh's data x fsdp devices."""
+def check_batch_size(batch_size: int, mesh: Mesh, name: str = "--batch-size") -> None:
+    """MeshError unless the batch splits evenly over the mesh's data x fsdp devices; `name` is what
+    the caller calls the batch size (the CLIs' flag, or a Python argument)."""
     dp = data_parallel_size(mesh)
     if batch_size % dp:
-        raise MeshError(f"--batch-size {batch_size} must be a multiple of the mesh's data x fsdp = {dp} "
+        raise MeshError(f"{name} {batch_size} must be a multiple of the mesh's data x fsdp = {dp} "
                         f"(mesh {dict(mesh.shape)}): each of those devices takes an equal share of the batch")
 
 

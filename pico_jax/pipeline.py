@@ -400,7 +400,7 @@ class Pipeline:
         mesh: Mesh | None = None,
     ):
         if mesh is not None:
-            check_batch_size(batch_size, mesh)  # a MeshError, which is a ValueError
+            check_batch_size(batch_size, mesh, "batch_size")  # a MeshError, which is a ValueError
             transformer, autoencoder, text = _place_on_mesh(transformer, autoencoder, text, mesh)
         self.mesh = mesh
         self.transformer, self.autoencoder, self.text = transformer, autoencoder, text

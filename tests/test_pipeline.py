@@ -225,8 +225,17 @@ def test_pipeline_on_a_mesh_matches_one_device(spec, batch, model, ae, text, pip
 def test_pipeline_mesh_needs_a_batch_its_data_devices_divide(model, ae, text):
     from pico_jax.parallel import make_mesh
 
-    with pytest.raises(ValueError, match=r"--batch-size 4 must be a multiple of the mesh's data x fsdp = 8"):
+    with pytest.raises(ValueError, match=r"batch_size 4 must be a multiple of the mesh's data x fsdp = 8"):
         Pipeline(model, ae, text, panel=PANEL, batch_size=4, mesh=make_mesh("data=2,fsdp=4"))
+
+
+def test_loading_onto_a_mesh_the_batch_does_not_divide_is_a_mesh_error_not_a_bad_checkpoint():
+    from pico_jax.checkpoints import CheckpointError
+    from pico_jax.parallel import MeshError, make_mesh
+
+    with pytest.raises(MeshError, match=r"^batch_size 2 must be a multiple of the mesh's data x fsdp = 8") as e:
+        Pipeline.load(batch_size=2, mesh=make_mesh("data=2,fsdp=4"))
+    assert not isinstance(e.value, CheckpointError)
 
 
 # ----------------------------------------------------------------------------- early selection
