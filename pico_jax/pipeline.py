@@ -418,6 +418,22 @@ class Pipeline:
         self._ae_graphdef, self._ae_state = nnx.split(autoencoder)
         self._compiled: dict[Any, Any] = {}
 
+    def update_weights(self, transformer: FluxTransformer) -> None:
+        """Sample with new weights for the same model (a training run's current or EMA weights):
+        the programs already compiled serve them, where a new Pipeline would compile its own."""
+        if self.mesh is not None:
+            transformer = shard_module(transformer, self.mesh)
+        graphdef, state = nnx.split(transformer)
+        if graphdef != self._graphdef:
+            raise ValueError("update_weights: the new transformer is not the same model as the pipeline's "
+                             "(its modules or parameter names differ); build a new Pipeline for it")
+        mismatch = [f"{'.'.join(map(str, path))}: {old.shape} {old.dtype} -> {new.shape} {new.dtype}"
+                    for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(self._state), jax.tree.leaves(state))
+                    if (old.shape, old.dtype) != (new.shape, new.dtype)]
+        if mismatch:
+            raise ValueError(f"update_weights: parameters differ in shape or dtype: {'; '.join(mismatch[:3])}")
+        self.transformer, self._state = transformer, state
+
     # --- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "Pipeline":

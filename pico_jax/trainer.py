@@ -372,6 +372,7 @@ class Trainer:
         # Traced under the mesh so the scanned layers gather their weights over 'fsdp' (parallel.on_mesh).
         self.step_fn = on_mesh(jax.jit(step_fn, donate_argnums=(0, 2, 3), out_shardings=out_shardings), self.mesh)
         self.step = 0
+        self._sample_pipelines: dict[int, Any] = {}  # save_samples' pipeline per sheet size, compiled once
 
     # --- checkpoints ---------------------------------------------------------------------
     def _manager(self):
@@ -466,8 +467,14 @@ class Trainer:
     def save_samples(self, batch: dict, path: Path, n: int = 4):
         from pico_jax.imageio import save_png_atomic
 
-        pipe = self.pipeline(SamplingPlan(steps=self.cfg.sample_steps, seeds=1, keep=1, selection="random", mu=0.0),
-                             batch_size=n)
+        # One pipeline for the run, given the current weights each time: its sampler compiles once,
+        # not once per sample sheet (a FLUX.1-dev sampler's compile is the expensive part).
+        pipe = self._sample_pipelines.get(n)
+        if pipe is None:
+            plan = SamplingPlan(steps=self.cfg.sample_steps, seeds=1, keep=1, selection="random", mu=0.0)
+            pipe = self._sample_pipelines[n] = self.pipeline(plan, batch_size=n)
+        else:
+            pipe.update_weights(self.model())
         a, a2, b, b2 = (np.asarray(batch[k][:n]) * 0.5 + 0.5 for k in ("A", "A_out", "B", "B_out"))
         canvases = [grid.compose(a[i], a2[i], b[i], panel=self.cfg.panel) for i in range(len(a))]
         res = pipe.run_canvases(canvases, pipe.plan)  # on every process: the sampler is one collective program

@@ -89,6 +89,37 @@ def test_optimizer_state_is_sharded_like_the_params_and_one_program_serves_every
     assert tr.step_fn.__wrapped__._cache_size() == 1
 
 
+def test_sample_sheets_compile_the_sampler_once_and_paint_with_the_current_weights(tmp_path):
+    """save_samples keeps one pipeline for the run and gives it the weights of the moment: its
+    sampler compiles once (a new Pipeline per sheet compiled it per sheet), and each sheet is
+    what a fresh pipeline over the current weights paints."""
+    from pico_jax.imageio import load_image
+    from pico_jax.pipeline import SamplingPlan
+    from pico_jax.trainer import make_data
+
+    tr = Trainer(micro(mesh="fsdp=8", ema_decay=0.5, steps=2, sample_every=1, checkpoint_every=100), tmp_path, progress=False)
+    tr.run()
+    (pipe,) = tr._sample_pipelines.values()
+    (sampler,) = pipe._compiled.values()
+    assert sampler.__wrapped__._cache_size() == 1  # three sheets (steps 1, 2 and the end), one program
+    sheets = sorted((tmp_path / "samples").glob("step_*.png"))
+    assert len(sheets) == 2  # step 2 is also the end: rewritten, not a third file
+    host = next(iter(make_data(tr.cfg)))
+    fresh = tr.pipeline(SamplingPlan(steps=tr.cfg.sample_steps, seeds=1, keep=1, selection="random", mu=0.0),
+                        batch_size=4)
+    from pico_jax import grid
+
+    a, a2, b = (np.asarray(host[k][:4]) * 0.5 + 0.5 for k in ("A", "A_out", "B"))
+    res = fresh.run_canvases([grid.compose(a[i], a2[i], b[i], panel=tr.cfg.panel) for i in range(len(a))], fresh.plan)
+    P = tr.cfg.panel
+    got = load_image(sheets[-1])[:, 3 * P:4 * P]  # the 'ours' column of the last sheet
+    want = np.concatenate([r.image for r in res], 0)
+    np.testing.assert_allclose(got, want, atol=1.5 / 255)
+
+    with pytest.raises(ValueError, match="not the same model"):
+        pipe.update_weights(Trainer(micro(lora_rank=4), tmp_path / "other", progress=False).model())
+
+
 def test_lora_step_changes_only_lora_params():
     cfg = micro(lora_rank=4, mesh="fsdp=8")
     tr = Trainer(cfg, "/tmp/unused", progress=False)
