@@ -73,6 +73,7 @@ def build_autoencoder(spec: dict, root: Path, dtype):
 
 
 def _text(spec: dict, root: Path, cfg):
+    from pico_jax.parallel import to_device
     from pico_jax.pipeline import TextConditioning
 
     kind = spec.get("kind")
@@ -80,7 +81,7 @@ def _text(spec: dict, root: Path, cfg):
         return TextConditioning.empty(int(spec.get("length", 1)), cfg.context_dim, cfg.pooled_dim)
     if kind == "file":
         r = SafetensorsReader(root / spec.get("path", "text.safetensors"))
-        return TextConditioning(jnp.asarray(r["prompt_embeds"]), jnp.asarray(r["pooled_prompt_embeds"]))
+        return TextConditioning(to_device(r["prompt_embeds"]), to_device(r["pooled_prompt_embeds"]))
     raise CheckpointError(f"{root}/pico.json: text.kind must be 'zeros' or 'file' (got {kind!r})")
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from pico_jax.model.flux import FluxConfig, FluxTransformer, abstract_model, fused_order, reorder_fused_axis
-from pico_jax.parallel import Placer
+from pico_jax.parallel import Placer, default_placer
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, check_keys, check_shape, read_config
 
 
@@ -202,7 +202,7 @@ def load_state(
     check_keys(path, expected_keys(table, cfg), set(reader.keys()), what="FLUX transformer checkpoint")
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
-    place = place or (lambda _p, x: jnp.asarray(x))
+    place = place or default_placer
     new_leaves = []
     for key_path, var in flat:
         name = ".".join(str(p) for p in key_path)

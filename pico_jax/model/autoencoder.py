@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pico_jax.parallel import to_device
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, check_keys, check_shape, read_config
 
 # diffusers hard-codes eps=1e-6 for every GroupNorm of the autoencoder (resnets, attention, conv_norm_out);
@@ -511,6 +512,6 @@ def load_autoencoder(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) ->
     for key, var in flat:
         want = _torch_shape(tuple(var.get_value().shape))
         check_shape(reader.path, key, reader.shape(key), want)
-        var.set_value(jnp.asarray(_from_torch(reader[key]), dtype=dtype))
+        var.set_value(to_device(np.asarray(_from_torch(reader[key]), dtype=jnp.dtype(dtype))))
     nnx.update(model, params)
     return model

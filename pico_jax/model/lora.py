@@ -56,7 +56,7 @@ import numpy as np
 from flax import nnx
 
 from pico_jax.model.flux import Dense, FluxConfig, reorder_fused_axis
-from pico_jax.parallel import Placer
+from pico_jax.parallel import Placer, default_placer
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, save_safetensors_atomic
 
 # Attention and MLP projections of every block (both streams of the double blocks; the fused
@@ -165,7 +165,7 @@ def add_lora(
 
 
 def _place(place: Placer | None, name: str, x: np.ndarray) -> jax.Array:
-    return place(name, x) if place is not None else jnp.asarray(x)
+    return (place or default_placer)(name, x)
 
 
 def _set_factors(dense: Dense, a, b, scale: float) -> None:

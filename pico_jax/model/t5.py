@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from pico_jax.model.flux import Dense, accumulation_dtype, scan_blocks
-from pico_jax.parallel import Placer, split_by_batch
+from pico_jax.parallel import Placer, default_placer, split_by_batch
 from pico_jax.safetensors_io import CheckpointError, SafetensorsReader, check_keys, check_shape, read_config
 
 Dtype = Any
@@ -116,10 +116,10 @@ def load_from_checkpoint(
     except those `ignore` accepts. `aliases` maps a plan key to another name to read when the
     plan key is absent (e.g. a tied embedding saved under its second name). All shapes are checked
     before any tensor data is read, so a mismatched checkpoint fails fast. `place(dotted_name,
-    array)` puts each parameter on devices (default: `jnp.asarray`, the default device);
+    array)` puts each parameter on devices (default: the default device);
     `pico_jax.parallel.param_placer(mesh)` shards it by the mesh rules as it is read.
     """
-    place = place or (lambda _name, a: jnp.asarray(a))
+    place = place or default_placer
     aliases = dict(aliases or {})
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
