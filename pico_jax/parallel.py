@@ -157,6 +157,13 @@ def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def replicate(mesh: Mesh, tree):
+    """Every leaf of `tree` (small arrays every process holds whole: an autoencoder's weights, text
+    embeddings) replicated over the mesh, so a program over the mesh takes them as arguments."""
+    everywhere = replicated(mesh)
+    return jax.tree.map(lambda x: global_array(np.asarray(x), everywhere), tree)
+
+
 def to_device(x: np.ndarray) -> jax.Array:
     """A host array onto the default device, compiling nothing. (`jnp.asarray` of a numpy array
     compiles a small identity program, `lax.stage`, for every new shape: ~25 ms each, 24 of them

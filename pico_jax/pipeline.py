@@ -42,7 +42,7 @@ from pico_jax.backend import target_backend
 from pico_jax.flow import PREDICTIONS, euler_sample, flux_mu, flux_schedule, velocity_from_output
 from pico_jax.model.attention import AttentionHooks
 from pico_jax.model.flux import FluxTransformer
-from pico_jax.parallel import batch_sharding, check_batch_size, global_array, on_mesh, replicated, shard_module
+from pico_jax.parallel import batch_sharding, check_batch_size, global_array, on_mesh, replicate, replicated, shard_module
 from pico_jax.scorer import ScorerConfig, choose, consensus_scores, score_from_group_mass
 
 
@@ -354,11 +354,8 @@ def _place_on_mesh(transformer: FluxTransformer, autoencoder, text: TextConditio
     """The transformer sharded by `pico_jax.parallel`'s rules (a no-op for parameters a loader already
     placed with `param_placer`); the autoencoder and the text conditioning replicated on the mesh."""
     transformer = shard_module(transformer, mesh)
-    everywhere = replicated(mesh)
     ae_graphdef, ae_state = nnx.split(autoencoder)
-    autoencoder = nnx.merge(ae_graphdef, jax.tree.map(lambda x: global_array(np.asarray(x), everywhere), ae_state))
-    text = TextConditioning(*(global_array(np.asarray(x), everywhere) for x in text))
-    return transformer, autoencoder, text
+    return transformer, nnx.merge(ae_graphdef, replicate(mesh, ae_state)), replicate(mesh, text)
 
 
 @dataclasses.dataclass

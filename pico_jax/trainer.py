@@ -246,11 +246,17 @@ def loss_fn(model: FluxTransformer, ae, text: TextConditioning, layout: CanvasLa
     return flow_loss(layout.velocity(pred, xt, t, known), x0, noise, jnp.asarray(layout.bprime_tokens()))
 
 
-def make_train_step(graphdef, ae, text, layout, cfg: TrainConfig, tx, schedule):
+def make_train_step(graphdef, ae_graphdef, layout, cfg: TrainConfig, tx, schedule):
+    """The training step: `step_fn(trainable, frozen, conditioning, opt_state, ema, batch, step)`,
+    `conditioning` = (the autoencoder's state, the TextConditioning). Both come in as arguments:
+    arrays a jitted function closes over are baked into its program as constants (jax 0.10), and
+    the FLUX VAE's encoder made the step's StableHLO 131 MiB larger and its compile slower."""
     mu = cfg.shift_mu if cfg.shift_mu is not None else flux_mu(layout.num_tokens)
 
-    def step_fn(trainable, frozen, opt_state, ema, batch, step):
+    def step_fn(trainable, frozen, conditioning, opt_state, ema, batch, step):
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+        ae_state, text = conditioning
+        ae = nnx.merge(ae_graphdef, ae_state)
 
         def loss_of(trainable):
             model = nnx.merge(graphdef, trainable, frozen)
@@ -345,7 +351,7 @@ class Trainer:
         self._build_state()
 
     def _build_state(self):
-        from pico_jax.parallel import on_mesh, param_placer, replicated, shard_state, warn_unless_tensor_divides_heads
+        from pico_jax.parallel import on_mesh, param_placer, replicate, replicated, shard_state, warn_unless_tensor_divides_heads
 
         cfg = self.cfg
         model = build_model(cfg, place=param_placer(self.mesh))
@@ -363,14 +369,16 @@ class Trainer:
         opt_shardings = optimizer_state_shardings(self.tx, self.trainable, self.mesh)
         self.opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(self.trainable)
         self.ema = jax.tree.map(jnp.copy, self.trainable) if cfg.ema_decay > 0 else None
-        step_fn = make_train_step(self.graphdef, self.ae, self.text, self.layout, cfg, self.tx, self.schedule)
+        ae_graphdef, ae_state = nnx.split(self.ae)
+        self.conditioning = replicate(self.mesh, (ae_state, self.text))
+        step_fn = make_train_step(self.graphdef, ae_graphdef, self.layout, cfg, self.tx, self.schedule)
         # The state leaves the step laid out as it came in: the first step's executable serves every
         # later one (without pinning, XLA's choice for the outputs differed from the inputs' and the
         # second step compiled the program again), and donation can reuse each buffer in place.
         keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
         out_shardings = (keep(self.trainable), opt_shardings, keep(self.ema), replicated(self.mesh))
         # Traced under the mesh so the scanned layers gather their weights over 'fsdp' (parallel.on_mesh).
-        self.step_fn = on_mesh(jax.jit(step_fn, donate_argnums=(0, 2, 3), out_shardings=out_shardings), self.mesh)
+        self.step_fn = on_mesh(jax.jit(step_fn, donate_argnums=(0, 3, 4), out_shardings=out_shardings), self.mesh)
         self.step = 0
         self._sample_pipelines: dict[int, Any] = {}  # save_samples' pipeline per sheet size, compiled once
 
@@ -522,7 +530,8 @@ class Trainer:
                         sample_batch = _first_of_global_batch(host, 4)
                     batch = {k: shard(v) for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
                     self.trainable, self.opt_state, self.ema, m = self.step_fn(
-                        self.trainable, self.frozen, self.opt_state, self.ema, batch, jnp.int32(self.step)
+                        self.trainable, self.frozen, self.conditioning, self.opt_state, self.ema, batch,
+                        jnp.int32(self.step)
                     )
                     loss = float(m["loss"])
                     if not math.isfinite(loss):

@@ -45,7 +45,7 @@ def _one_step(cfg, devices=None):
     batch = {k: jax.make_array_from_process_local_data(batch_sharding(tr.mesh, v.ndim), v)
              for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
     before = _flat(tr.trainable)
-    trainable, _, _, m = tr.step_fn(tr.trainable, tr.frozen, tr.opt_state, tr.ema, batch, np.int32(1))  # step 1: warmup lr > 0
+    trainable, _, _, m = tr.step_fn(tr.trainable, tr.frozen, tr.conditioning, tr.opt_state, tr.ema, batch, np.int32(1))  # step 1: warmup lr > 0
     return float(m["loss"]), before, _flat(trainable)
 
 
@@ -83,7 +83,7 @@ def test_optimizer_state_is_sharded_like_the_params_and_one_program_serves_every
     for step in (0, 1):
         batch = {k: jax.make_array_from_process_local_data(batch_sharding(tr.mesh, v.ndim), v)
                  for k, v in next(it).items() if k in ("A", "A_out", "B", "B_out")}
-        trainable, opt_state, ema, _ = tr.step_fn(state[0], tr.frozen, state[1], state[2], batch, np.int32(step))
+        trainable, opt_state, ema, _ = tr.step_fn(state[0], tr.frozen, tr.conditioning, state[1], state[2], batch, np.int32(step))
         state = (trainable, opt_state, ema)
         assert (spec_of(trainable), spec_of(opt_state), spec_of(ema)) == before
     assert tr.step_fn.__wrapped__._cache_size() == 1
@@ -120,6 +120,35 @@ def test_sample_sheets_compile_the_sampler_once_and_paint_with_the_current_weigh
         pipe.update_weights(Trainer(micro(lora_rank=4), tmp_path / "other", progress=False).model())
 
 
+def test_a_diffusers_autoencoder_trains_and_its_weights_are_arguments_not_constants(tmp_path):
+    """The latent path of training (a diffusers AutoencoderKL on disk) runs, and the step takes the
+    autoencoder's weights as an argument: closed over, jax bakes them into the program as constants
+    (the FLUX VAE's encoder: 131 MiB of StableHLO text, and a slower compile)."""
+    import re
+
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    model = dataclasses.replace(micro().model, in_channels=2 * 4 * 4 + 4 * 2**2, out_channels=4 * 4)
+    cfg = micro(model=model, mesh="fsdp=8", autoencoder={"kind": "diffusers", "root": str(tmp_path), "path": "vae"})
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    from pico_jax.parallel import batch_sharding
+    from pico_jax.trainer import make_data
+
+    host = next(iter(make_data(cfg)))
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding(tr.mesh, v.ndim), v)
+             for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
+    args = (tr.trainable, tr.frozen, tr.conditioning, tr.opt_state, tr.ema, batch, np.int32(1))
+    program = tr.step_fn.lower(*args).as_text()
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tr.conditioning[0]))
+    constant_bytes = sum(len(h) // 2 for h in re.findall(r'dense<"0x([0-9A-F]+)">', program))
+    assert weight_bytes > 100_000 and constant_bytes < weight_bytes / 10, (weight_bytes, constant_bytes)
+    _, _, _, m = tr.step_fn(*args)
+    assert np.isfinite(float(m["loss"]))
+
+
 def test_lora_step_changes_only_lora_params():
     cfg = micro(lora_rank=4, mesh="fsdp=8")
     tr = Trainer(cfg, "/tmp/unused", progress=False)
@@ -132,7 +161,7 @@ def test_lora_step_changes_only_lora_params():
     host = next(iter(make_data(cfg)))
     batch = {k: jax.device_put(v, batch_sharding(tr.mesh, v.ndim)) for k, v in host.items() if k != "task_id"}
     before = _flat(tr.trainable)
-    trainable, opt_state, _, m = tr.step_fn(tr.trainable, tr.frozen, tr.opt_state, tr.ema, batch, np.int32(1))
+    trainable, opt_state, _, m = tr.step_fn(tr.trainable, tr.frozen, tr.conditioning, tr.opt_state, tr.ema, batch, np.int32(1))
     after = _flat(trainable)
     assert any(not np.array_equal(after[k], before[k]) for k in after)
     for k, v in _flat(tr.frozen).items():
