@@ -17,6 +17,15 @@ is not in it (the condition tokens are inputs), as in bench_gpu_flux.py's sample
 
     python benchmarks/bench_compile.py --step sample --batch 8 --mesh data=2,fsdp=4
 
+--step train: the trainer's whole step (`pico_jax.trainer.make_train_step`, as `train.py` runs
+it) with configs/flux_dev_lora.py's settings: FLUX.1-Fill-dev (--config is ignored) with LoRA
+rank --rank, the FLUX VAE encoding the --batch canvases (random abstract weights), the flow loss's
+gradient, AdamW and an EMA of the factors. Every state leaf is placed as the Trainer places it
+(the Adam moments on their factors' shards, `trainer.optimizer_state_shardings`), so the per-device
+arguments are what a run holds between steps and the temporaries what a step adds.
+
+    python benchmarks/bench_compile.py --step train --batch 8 --rank 32 --mesh fsdp=8
+
 --platform cuda / tpu: the same programs traced for a GPU / TPU (cuDNN flash / Pallas splash
 attention, none of the CPU work-arounds) and lowered for it on this host, without compiling:
 a check that what a device would run traces, shards and lowers, before device time is spent.
@@ -40,11 +49,11 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=4096, help="image tokens (4096 = a 1024x1024 canvas)")
     ap.add_argument("--text", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--step", choices=("forward", "lora", "sample"), default="forward",
+    ap.add_argument("--step", choices=("forward", "lora", "sample", "train"), default="forward",
                     help="what to compile (see above)")
     ap.add_argument("--remat", choices=("full", "dots", "nothing", "none"), default="full",
                     help="FluxConfig.remat of the layer stacks (default full)")
-    ap.add_argument("--rank", type=int, default=16, help="LoRA rank for --step lora")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank for --step lora and --step train")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                     help="parameters and activations (default bfloat16). On CPU a bf16 product runs through "
                          "flux.narrow_product (fp32 accumulation, a custom VJP); float32 takes the plain dot "
@@ -77,13 +86,13 @@ def main(argv=None):
     from pico_jax.parallel import batch_sharding, collective_bytes, make_mesh, on_mesh, replicated, state_shardings
 
     t0 = time.perf_counter()
-    if args.step == "sample":
-        args.config = "flux1-fill-dev"  # the sampler's Fill-style input: 384 channels
+    if args.step in ("sample", "train"):
+        args.config = "flux1-fill-dev"  # the sampler's and the trainer's Fill-style input: 384 channels
     cfg = FluxConfig.named(args.config).replace(remat=args.remat)
 
     dtype = getattr(jnp, args.dtype)
     abstract = abstract_model(cfg, dtype=dtype, param_dtype=dtype)
-    if args.step == "lora":
+    if args.step in ("lora", "train"):
         add_lora(abstract, args.rank)  # on an abstract model the factors are ShapeDtypeStructs too
     t_trace = time.perf_counter() - t0
     mesh = make_mesh(args.mesh)
@@ -96,6 +105,8 @@ def main(argv=None):
     input_shardings = (bs(3), bs(3), bs(2), bs(1), replicated(mesh), replicated(mesh), bs(1))
     if args.step == "sample":
         fn, operands, what, n_params = _sampler(args, cfg, abstract, mesh)
+    elif args.step == "train":
+        fn, operands, what, n_params = _train_step(args, cfg, abstract, mesh)
     elif args.step == "forward":
         graphdef, state = nnx.split(abstract)
         fn = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a),
@@ -201,6 +212,58 @@ def _sampler(args, cfg, abstract, mesh):
     what = (f"PICO sampler ({plan.steps} steps, {plan.seeds} seeds scored over {plan.scorer.steps} and the best "
             f"finished, {plan.seed_batch} at a time)")
     return fn, operands, what, count_params(state)
+
+
+def _train_step(args, cfg, abstract, mesh):
+    """(jitted training step, abstract operands, description, parameter count) for --step train."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from pico_jax.model.autoencoder import Autoencoder, AutoencoderConfig, flux_vae_config
+    from pico_jax.model.flux import count_params
+    from pico_jax.parallel import batch_sharding, replicated, state_shardings
+    from pico_jax.pipeline import CanvasLayout, TextConditioning, fill_in_channels
+    from pico_jax.trainer import make_optimizer, make_train_step, optimizer_state_shardings
+    from pico_jax.trainer import trainable_filter
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+    import flux_dev_lora
+
+    side = int(round(np.sqrt(args.tokens)))
+    if side * side != args.tokens:
+        raise SystemExit(f"--tokens {args.tokens}: --step train needs a square canvas (e.g. 4096 = 64 x 64)")
+    tcfg = dataclasses.replace(flux_dev_lora.get_config(), lora_rank=args.rank, batch_size=args.batch,
+                               panel=side * 16 // 2, dtype=args.dtype, remat=cfg.remat, ema_decay=0.999)
+    dtype = getattr(jnp, args.dtype)
+    ae = nnx.eval_shape(lambda: Autoencoder(AutoencoderConfig.from_dict(flux_vae_config()), dtype=dtype,
+                                            rngs=nnx.Rngs(0)))
+    assert fill_in_channels(ae) == cfg.in_channels
+    layout = CanvasLayout(tcfg.panel, ae.downsample_factor)
+    S = jax.ShapeDtypeStruct
+    placed = lambda tree, shardings: jax.tree.map(lambda x, s: S(x.shape, x.dtype, sharding=s), tree, shardings)
+    graphdef, trainable, frozen = nnx.split(abstract, trainable_filter(tcfg), ...)
+    trainable = placed(trainable, state_shardings(trainable, mesh))
+    frozen = placed(frozen, state_shardings(frozen, mesh))
+    tx, schedule = make_optimizer(tcfg)
+    opt_state = placed(jax.eval_shape(tx.init, trainable), optimizer_state_shardings(tx, trainable, mesh))
+    everywhere = replicated(mesh)
+    ae_graphdef, ae_state = nnx.split(ae)
+    text = TextConditioning(S((1, args.text, cfg.context_dim), dtype), S((1, cfg.pooled_dim), dtype))
+    conditioning = jax.tree.map(lambda x: S(x.shape, x.dtype, sharding=everywhere), (ae_state, text))
+    panel = S((args.batch, tcfg.panel, tcfg.panel, 3), jnp.float32, sharding=batch_sharding(mesh, 4))
+    batch = {k: panel for k in ("A", "A_out", "B", "B_out")}
+    keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    step_fn = make_train_step(graphdef, ae_graphdef, layout, tcfg, tx, schedule)
+    fn = jax.jit(step_fn, donate_argnums=(0, 3, 4),
+                 out_shardings=(keep(trainable), keep(opt_state), keep(trainable), everywhere))
+    operands = (trainable, frozen, conditioning, opt_state, trainable, batch, S((), jnp.int32, sharding=everywhere))
+    what = (f"training step (LoRA rank {args.rank}, {count_params(trainable) / 1e6:.1f} M trainable; FLUX VAE encode "
+            f"of {args.batch} {2 * tcfg.panel}^2 canvases, AdamW, EMA)")
+    return fn, operands, what, count_params(trainable) + count_params(frozen) + count_params(ae_state)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,22 @@ def test_bench_compile_sampler_at_full_size_gathers_weights():
     assert "all-reduce" not in out or _number(r"all-reduce ([0-9.]+) GiB", out) < 0.1
 
 
+def test_bench_compile_the_trainers_whole_step_at_full_size():
+    """bench_compile.py --step train: the Trainer's own step (FLUX VAE encode, LoRA gradient, AdamW,
+    EMA) on full-size FLUX.1-Fill-dev compiles over fsdp=8 (short canvas); each device holds an
+    eighth of the 22 GiB base plus the VAE, and the weights are gathered twice (forward, remat)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compile.py"), "--step", "train",
+                           "--mesh", "fsdp=8", "--batch", "8", "--tokens", "256", "--text", "32", "--rank", "4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    out = proc.stdout
+    assert "flux1-fill-dev: 12,000,219,363 parameters" in out and "training step (LoRA rank 4" in out
+    assert 2.7 < _number(r"arguments ([0-9.]+) GiB", out) < 3.2  # 22.2 GiB / 8 + the VAE, not replicated
+    assert 2 * 21.5 < _number(r"all-gather ([0-9.]+) GiB", out) < 2 * 23
+
+
 @pytest.mark.parametrize("program", ["forward", "lora"])
 def test_profile_attributes_the_traced_time(program):
     """profile_forward.py at toy size: the cost analysis counts FLOPs, and the trace's op time is
