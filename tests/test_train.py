@@ -228,6 +228,25 @@ def test_resume_is_exact(tmp_path):
         Trainer(micro(mesh="fsdp=8", ema_decay=0.9, steps=7), tmp_path / "b", progress=False).run()
 
 
+def test_resume_on_another_mesh_continues_the_same_run(tmp_path):
+    """A run checkpointed on fsdp=8 resumes on data=2,fsdp=2,tensor=2 (a preempted job restarted on
+    another slice): the state is resharded as it is read, the optimizer's moments land on the new
+    mesh's shards, and the losses follow the uninterrupted run's."""
+    import optax
+
+    straight = Trainer(micro(mesh="fsdp=8", ema_decay=0.9), tmp_path / "a", progress=False)
+    straight.run()
+    Trainer(micro(mesh="fsdp=8", ema_decay=0.9, steps=3), tmp_path / "b", progress=False).run()
+    moved = Trainer(micro(mesh="data=2,fsdp=2,tensor=2", ema_decay=0.9), tmp_path / "b", progress=False)
+    assert moved.run() == {"status": "finished", "step": 6}
+    assert any("tensor" in x.sharding.spec for x in jax.tree.leaves(moved.opt_state))
+    same = jax.tree.leaves(optax.tree_map_params(moved.tx, lambda m, p: m.sharding == p.sharding, moved.opt_state,
+                                                 moved.trainable, transform_non_params=lambda _: None))
+    assert same and all(same)
+    for ra, rb in zip(_metrics(tmp_path / "a"), _metrics(tmp_path / "b")):
+        assert ra["step"] == rb["step"] and abs(ra["loss"] - rb["loss"]) < 1e-5 * abs(ra["loss"]), (ra, rb)
+
+
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     cfg = micro(mesh="fsdp=8", steps=10_000, checkpoint_every=10_000)
     tr = Trainer(cfg, tmp_path, progress=False)
