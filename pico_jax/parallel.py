@@ -159,9 +159,12 @@ def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def replicate(mesh: Mesh, tree):
     """Every leaf of `tree` (small arrays every process holds whole: an autoencoder's weights, text
-    embeddings) replicated over the mesh, so a program over the mesh takes them as arguments."""
+    embeddings) replicated over the mesh, so a program over the mesh takes them as arguments.
+    Leaves already replicated there are kept as they are (on several hosts they cannot be read
+    back into numpy, and need not be)."""
     everywhere = replicated(mesh)
-    return jax.tree.map(lambda x: global_array(np.asarray(x), everywhere), tree)
+    keep = lambda x: isinstance(x, jax.Array) and x.sharding == everywhere
+    return jax.tree.map(lambda x: x if keep(x) else global_array(np.asarray(x), everywhere), tree)
 
 
 def to_device(x: np.ndarray) -> jax.Array:

@@ -371,6 +371,8 @@ class Trainer:
         self.ema = jax.tree.map(jnp.copy, self.trainable) if cfg.ema_decay > 0 else None
         ae_graphdef, ae_state = nnx.split(self.ae)
         self.conditioning = replicate(self.mesh, (ae_state, self.text))
+        # One copy of the autoencoder and the text: the replicated one serves the step and the samples.
+        self.ae, self.text = nnx.merge(ae_graphdef, self.conditioning[0]), self.conditioning[1]
         step_fn = make_train_step(self.graphdef, ae_graphdef, self.layout, cfg, self.tx, self.schedule)
         # The state leaves the step laid out as it came in: the first step's executable serves every
         # later one (without pinning, XLA's choice for the outputs differed from the inputs' and the
