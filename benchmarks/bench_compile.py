@@ -20,9 +20,10 @@ is not in it (the condition tokens are inputs), as in bench_gpu_flux.py's sample
 --step train: the trainer's whole step (`pico_jax.trainer.make_train_step`, as `train.py` runs
 it) with configs/flux_dev_lora.py's settings: FLUX.1-Fill-dev (--config is ignored) with LoRA
 rank --rank, the FLUX VAE encoding the --batch canvases (random abstract weights), the flow loss's
-gradient, AdamW and an EMA of the factors. Every state leaf is placed as the Trainer places it
-(the Adam moments on their factors' shards, `trainer.optimizer_state_shardings`), so the per-device
-arguments are what a run holds between steps and the temporaries what a step adds.
+gradient and AdamW (the config keeps no EMA). Every state leaf is placed as the Trainer places it
+(the Adam moments on their factors' shards, `trainer.optimizer_state_shardings`) and the step is
+jitted by the Trainer's own `jit_train_step`, so the per-device arguments are what a run holds
+between steps and the temporaries what a step adds.
 
     python benchmarks/bench_compile.py --step train --batch 8 --rank 32 --mesh fsdp=8
 
@@ -227,7 +228,7 @@ def _train_step(args, cfg, abstract, mesh):
     from pico_jax.model.flux import count_params
     from pico_jax.parallel import batch_sharding, replicated, state_shardings
     from pico_jax.pipeline import CanvasLayout, TextConditioning, fill_in_channels
-    from pico_jax.trainer import make_optimizer, make_train_step, optimizer_state_shardings
+    from pico_jax.trainer import jit_train_step, make_optimizer, make_train_step, optimizer_state_shardings
     from pico_jax.trainer import trainable_filter
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
@@ -237,7 +238,7 @@ def _train_step(args, cfg, abstract, mesh):
     if side * side != args.tokens:
         raise SystemExit(f"--tokens {args.tokens}: --step train needs a square canvas (e.g. 4096 = 64 x 64)")
     tcfg = dataclasses.replace(flux_dev_lora.get_config(), lora_rank=args.rank, batch_size=args.batch,
-                               panel=side * 16 // 2, dtype=args.dtype, remat=cfg.remat, ema_decay=0.999)
+                               panel=side * 16 // 2, dtype=args.dtype, remat=cfg.remat)
     dtype = getattr(jnp, args.dtype)
     ae = nnx.eval_shape(lambda: Autoencoder(AutoencoderConfig.from_dict(flux_vae_config()), dtype=dtype,
                                             rngs=nnx.Rngs(0)))
@@ -256,13 +257,12 @@ def _train_step(args, cfg, abstract, mesh):
     conditioning = jax.tree.map(lambda x: S(x.shape, x.dtype, sharding=everywhere), (ae_state, text))
     panel = S((args.batch, tcfg.panel, tcfg.panel, 3), jnp.float32, sharding=batch_sharding(mesh, 4))
     batch = {k: panel for k in ("A", "A_out", "B", "B_out")}
-    keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    ema = trainable if tcfg.ema_decay > 0 else None
     step_fn = make_train_step(graphdef, ae_graphdef, layout, tcfg, tx, schedule)
-    fn = jax.jit(step_fn, donate_argnums=(0, 3, 4),
-                 out_shardings=(keep(trainable), keep(opt_state), keep(trainable), everywhere))
-    operands = (trainable, frozen, conditioning, opt_state, trainable, batch, S((), jnp.int32, sharding=everywhere))
+    fn = jit_train_step(step_fn, trainable, jax.tree.map(lambda x: x.sharding, opt_state), ema, mesh)
+    operands = (trainable, frozen, conditioning, opt_state, ema, batch, S((), jnp.int32, sharding=everywhere))
     what = (f"training step (LoRA rank {args.rank}, {count_params(trainable) / 1e6:.1f} M trainable; FLUX VAE encode "
-            f"of {args.batch} {2 * tcfg.panel}^2 canvases, AdamW, EMA)")
+            f"of {args.batch} {2 * tcfg.panel}^2 canvases, AdamW{', EMA' if ema is not None else ''})")
     return fn, operands, what, count_params(trainable) + count_params(frozen) + count_params(ae_state)
 
 

@@ -274,6 +274,19 @@ def make_train_step(graphdef, ae_graphdef, layout, cfg: TrainConfig, tx, schedul
     return step_fn
 
 
+def jit_train_step(step_fn, trainable, opt_shardings, ema, mesh):
+    """`step_fn` jitted as the Trainer runs it (and bench_compile.py --step train compiles it): the
+    state buffers donated, and the state leaving the step laid out as it came in, so the first
+    step's executable serves every later one (unpinned, XLA's choice for the outputs differed from
+    the inputs' and the second step compiled the program again). `trainable` and `ema` may be
+    arrays or ShapeDtypeStructs with shardings; trace the result under the mesh (`on_mesh`)."""
+    from pico_jax.parallel import replicated
+
+    keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    return jax.jit(step_fn, donate_argnums=(0, 3, 4),
+                   out_shardings=(keep(trainable), opt_shardings, keep(ema), replicated(mesh)))
+
+
 # ------------------------------------------------------------------------------ data
 def make_data(cfg: TrainConfig, shard_index=None, shard_count=None):
     from pico_jax.data.input_pipeline import FunctionSource, make_dataset
@@ -351,7 +364,7 @@ class Trainer:
         self._build_state()
 
     def _build_state(self):
-        from pico_jax.parallel import on_mesh, param_placer, replicate, replicated, shard_state, warn_unless_tensor_divides_heads
+        from pico_jax.parallel import on_mesh, param_placer, replicate, shard_state, warn_unless_tensor_divides_heads
 
         cfg = self.cfg
         model = build_model(cfg, place=param_placer(self.mesh))
@@ -374,13 +387,8 @@ class Trainer:
         # One copy of the autoencoder and the text: the replicated one serves the step and the samples.
         self.ae, self.text = nnx.merge(ae_graphdef, self.conditioning[0]), self.conditioning[1]
         step_fn = make_train_step(self.graphdef, ae_graphdef, self.layout, cfg, self.tx, self.schedule)
-        # The state leaves the step laid out as it came in: the first step's executable serves every
-        # later one (without pinning, XLA's choice for the outputs differed from the inputs' and the
-        # second step compiled the program again), and donation can reuse each buffer in place.
-        keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-        out_shardings = (keep(self.trainable), opt_shardings, keep(self.ema), replicated(self.mesh))
         # Traced under the mesh so the scanned layers gather their weights over 'fsdp' (parallel.on_mesh).
-        self.step_fn = on_mesh(jax.jit(step_fn, donate_argnums=(0, 3, 4), out_shardings=out_shardings), self.mesh)
+        self.step_fn = on_mesh(jit_train_step(step_fn, self.trainable, opt_shardings, self.ema, self.mesh), self.mesh)
         self.step = 0
         self._sample_pipelines: dict[int, Any] = {}  # save_samples' pipeline per sheet size, compiled once
 

@@ -99,8 +99,8 @@ def test_bench_compile_sampler_at_full_size_gathers_weights():
 
 
 def test_bench_compile_the_trainers_whole_step_at_full_size():
-    """bench_compile.py --step train: the Trainer's own step (FLUX VAE encode, LoRA gradient, AdamW,
-    EMA) on full-size FLUX.1-Fill-dev compiles over fsdp=8 (short canvas); each device holds an
+    """bench_compile.py --step train: the Trainer's own step (FLUX VAE encode, LoRA gradient, AdamW)
+    on full-size FLUX.1-Fill-dev compiles over fsdp=8 (short canvas); each device holds an
     eighth of the 22 GiB base plus the VAE, and the weights are gathered twice (forward, remat)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)

@@ -126,7 +126,7 @@ def test_a_diffusers_autoencoder_trains_and_its_weights_are_arguments_not_consta
     (the FLUX VAE's encoder: 131 MiB of StableHLO text, and a slower compile)."""
     import re
 
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers  # the test extra's
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
                                   layers_per_block=1, latent_channels=4, norm_num_groups=8)
