@@ -30,12 +30,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-LOGICAL_TO_MESH: dict[str, str | None] = {
+LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
     "embed": "fsdp",
     "mlp": "tensor",
     "lora": None,
     "vocab": "tensor",
+    # A LoRA factor's 'mlp' width: split over 'tensor' as its kernel's is, and over 'fsdp' as well,
+    # ZeRO style, so that no factor (nor its gradient and Adam moments) is whole on every fsdp
+    # device. Under a mesh with 'fsdp' the layer scan gathers it back to its 'tensor' split.
+    "lora_mlp": ("tensor", "fsdp"),
 }
 
 # Parameter path (dotted, without the leading layer axis) → logical axes of its trailing dims.
@@ -43,8 +47,6 @@ LOGICAL_TO_MESH: dict[str, str | None] = {
 # text encoders (their down projections: T5's o and wo, CLIP's out and fc2).
 _DOWN = r"(proj|mlp_out|linear2|final_proj|out_layer|o|wo|out|fc2)"
 PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
-    (r"\.lora_a$", ("embed", "lora")),
-    (r"\.lora_b$", ("lora", "mlp")),
     (rf"(^|\.){_DOWN}\.kernel$", ("mlp", "embed")),
     (r"\.kernel$", ("embed", "mlp")),
     (r"^token_embedding\.embedding$", ("vocab", "embed")),  # T5-XXL's is 32128 x 4096
@@ -118,11 +120,34 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh
     return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def logical_axes(name: str, ndim: int, stacked: bool) -> tuple[str | None, ...]:
-    """Logical axes of a parameter from its dotted path and rank."""
+_LORA_FACTOR = re.compile(r"\.lora_(a|b)$")
+
+
+def _rule_axes(name: str) -> tuple[str | None, ...]:
     for pattern, axes in PARAM_RULES:
         if re.search(pattern, name):
-            break
+            return axes
+    return ()
+
+
+def _lora_factor_axes(kernel: str, factor: str) -> tuple[str | None, ...]:
+    """A LoRA factor of `kernel` keeps the kernel's axis on its side: A (in, r), B (r, out). So the
+    factors are split like the product they add to (a row-parallel kernel's A over 'tensor' along
+    the contracted width, a column-parallel kernel's B along its output), and the tensor-parallel
+    side is split over 'fsdp' too ('lora_mlp'), as the rank is too narrow to split."""
+    axes = _rule_axes(kernel)
+    kernel_in, kernel_out = axes if len(axes) == 2 else (None, None)
+    zero = lambda axis: "lora_mlp" if axis == "mlp" else axis
+    return (zero(kernel_in), "lora") if factor == "a" else ("lora", zero(kernel_out))
+
+
+def logical_axes(name: str, ndim: int, stacked: bool) -> tuple[str | None, ...]:
+    """Logical axes of a parameter from its dotted path and rank."""
+    factor = _LORA_FACTOR.search(name)
+    if factor:
+        axes = _lora_factor_axes(name[:factor.start()] + ".kernel", factor.group(1))
+    else:
+        axes = _rule_axes(name)
     lead = ("layers",) if stacked else ()
     axes = lead + tuple(axes)
     if len(axes) != ndim:  # unknown rank: replicate rather than guess
@@ -137,13 +162,30 @@ STACKED_PREFIXES = ("double_blocks.", "single_blocks.", "blocks.")
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     stacked = name.startswith(STACKED_PREFIXES)
     axes = logical_axes(name, len(shape), stacked)
-    out = []
-    for dim, logical in zip(shape, axes):
-        mesh_axis = LOGICAL_TO_MESH.get(logical) if logical else None
-        if mesh_axis is not None and (mesh.shape[mesh_axis] == 1 or dim % mesh.shape[mesh_axis]):
-            mesh_axis = None
-        out.append(mesh_axis)
-    return P(*out)
+    return P(*(_mesh_axes(logical, dim, mesh) for dim, logical in zip(shape, axes)))
+
+
+def _mesh_axes(logical: str | None, dim: int, mesh) -> str | tuple[str, ...] | None:
+    """The mesh axes one dimension is split over: its logical axis's, less those of size 1, less
+    the trailing ones while they do not divide `dim` (so 'lora_mlp' keeps 'tensor' before 'fsdp')."""
+    target = LOGICAL_TO_MESH.get(logical) if logical else None
+    axes = tuple(a for a in ((target,) if isinstance(target, str) else target or ()) if mesh.shape[a] > 1)
+    while axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
+        axes = axes[:-1]
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def without_fsdp(spec: P) -> P:
+    """`spec` with its 'fsdp' splits removed: the layout of the same array gathered over 'fsdp'."""
+    def drop(axis):
+        if axis == "fsdp":
+            return None
+        if isinstance(axis, tuple):
+            kept = tuple(a for a in axis if a != "fsdp")
+            return None if not kept else kept[0] if len(kept) == 1 else kept
+        return axis
+
+    return P(*(drop(axis) for axis in spec))
 
 
 def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
@@ -263,7 +305,7 @@ def fsdp_gather_layer(layer_state):
     for key_path, var in nnx.to_flat_state(layer_state):
         value = var.get_value()
         spec = spec_for(".".join(str(p) for p in key_path), value.shape, mesh)
-        gathered = P(*(None if axis == "fsdp" else axis for axis in spec))
+        gathered = without_fsdp(spec)
         value = checkpoint_name(jax.lax.with_sharding_constraint(value, gathered), FSDP_GATHERED)
         leaves.append((key_path, var.replace(value)))
     return nnx.from_flat_state(leaves)
