@@ -529,6 +529,25 @@ class Trainer:
         last = {"step": self.step, "time": time.time()}
         sample_batch = None
         status = "finished"
+        # The metrics of the last step dispatched whose loss is not read yet. Reading a loss waits
+        # for its step, so each step's loss is read after the next step is dispatched: the host
+        # fetches and shards the next batch while the device runs, instead of the device idling
+        # while it does. Before anything is written (log row, checkpoint, sample sheet) the
+        # pending loss is read, so a non-finite loss still stops the run before it is saved.
+        unread = None
+
+        def read_loss() -> float:
+            nonlocal unread
+            step, m = unread
+            unread = None
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"loss is {loss} at step {step}; stopping. The last good checkpoint "
+                    f"(step {mngr.latest_step()}) in {self.workdir / 'checkpoints'} is intact; lower --lr or check the data."
+                )
+            return loss
+
         try:
             with open(metrics_path if logs else os.devnull, "a") as mf:
                 while self.step < cfg.steps:
@@ -543,15 +562,17 @@ class Trainer:
                         self.trainable, self.frozen, self.conditioning, self.opt_state, self.ema, batch,
                         jnp.int32(self.step)
                     )
-                    loss = float(m["loss"])
-                    if not math.isfinite(loss):
-                        raise NonFiniteLoss(
-                            f"loss is {loss} at step {self.step}; stopping. The last good checkpoint "
-                            f"(step {mngr.latest_step()}) in {self.workdir / 'checkpoints'} is intact; lower --lr or check the data."
-                        )
+                    if unread is not None:
+                        read_loss()  # the step before this one
+                    unread = (self.step, m)
                     self.step += 1
                     bar.update(1)
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    log_due = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                    checkpoint_due = self.step % cfg.checkpoint_every == 0
+                    sample_due = bool(cfg.sample_every) and self.step % cfg.sample_every == 0
+                    if log_due or checkpoint_due or sample_due:
+                        loss = read_loss()
+                    if log_due:
                         now = time.time()
                         sps = (self.step - last["step"]) / max(now - last["time"], 1e-9)
                         last.update(step=self.step, time=now)
@@ -564,10 +585,12 @@ class Trainer:
                             for k, v in row.items():
                                 if k != "step":
                                     writer.add_scalar(f"train/{k}", v, self.step)
-                    if self.step % cfg.checkpoint_every == 0:
+                    if checkpoint_due:
                         self.save(mngr, iterator)
-                    if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    if sample_due:
                         self.save_samples(sample_batch, self.workdir / "samples" / f"step_{self.step:06d}.png")
+            if unread is not None:
+                read_loss()
             if mngr.latest_step() != self.step:
                 self.save(mngr, iterator, force=True)
             mngr.wait_until_finished()

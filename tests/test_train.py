@@ -266,12 +266,15 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     assert [r["step"] for r in _metrics(tmp_path)][-2:] == [result["step"] + 1, result["step"] + 2]
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = micro(mesh="fsdp=8", steps=8, checkpoint_every=3, inject_nan_at_step=4)
-    with pytest.raises(NonFiniteLoss, match="step 4.*last good checkpoint \\(step 3\\)"):
+@pytest.mark.parametrize("nan_at, good", [(4, 3), (5, 3), (7, 6)])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nan_at, good):
+    """The loop reads each step's loss after dispatching the next, but before any checkpoint: a NaN
+    in the step that ends on a checkpoint (5 → 6) or in the last step (7) is never saved."""
+    cfg = micro(mesh="fsdp=8", steps=8, checkpoint_every=3, inject_nan_at_step=nan_at)
+    with pytest.raises(NonFiniteLoss, match=f"step {nan_at}.*last good checkpoint \\(step {good}\\)"):
         Trainer(cfg, tmp_path, progress=False).run()
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert ckpts == ["3"]
+    assert ckpts == [str(s) for s in range(3, good + 1, 3)]
     # The checkpoint is intact: a run without the injected NaN resumes from it and finishes.
     assert Trainer(dataclasses.replace(cfg, inject_nan_at_step=-1), tmp_path, progress=False).run()["step"] == 8
 
