@@ -262,8 +262,8 @@ def test_lora_factors_split_like_their_kernel_and_over_fsdp_too():
 @pytest.mark.parametrize("mesh_spec", ["fsdp=8", "fsdp=4,tensor=2"])
 def test_flux1_dev_lora_factors_are_split_over_fsdp(mesh_spec):
     """Every factor of FLUX.1-dev's rank-32 LoRA (so its gradient and Adam moments) is split over
-    'fsdp': on fsdp=8 each device holds exactly 1/8. Before, B of each column-parallel projection
-    (qkv, mlp_in, linear1) was whole on every fsdp device: 5.0x the share on fsdp=8, and on
+    'fsdp': on fsdp=8 each device holds exactly 1/8. Before, every B (57 % of the factors) was
+    whole on every fsdp device: 5.0x the share on fsdp=8, and on
     fsdp=4,tensor=2 3.1/8 of the factors per device (now 1.2/8: A of a column-parallel kernel and B
     of a row-parallel one are whole over 'tensor', as Megatron has them)."""
     from pico_jax.model.lora import add_lora
