@@ -93,7 +93,7 @@ def main(argv=None):
 
     dtype = getattr(jnp, args.dtype)
     abstract = abstract_model(cfg, dtype=dtype, param_dtype=dtype)
-    if args.step in ("lora", "train"):
+    if args.step == "lora":
         add_lora(abstract, args.rank)  # on an abstract model the factors are ShapeDtypeStructs too
     t_trace = time.perf_counter() - t0
     mesh = make_mesh(args.mesh)
@@ -229,7 +229,8 @@ def _train_step(args, cfg, abstract, mesh):
     from pico_jax.parallel import batch_sharding, replicated, state_shardings
     from pico_jax.pipeline import CanvasLayout, TextConditioning, fill_in_channels
     from pico_jax.trainer import jit_train_step, make_optimizer, make_train_step, optimizer_state_shardings
-    from pico_jax.trainer import trainable_filter
+    from pico_jax.model.lora import add_lora
+    from pico_jax.trainer import config_dtype, trainable_filter
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
     import flux_dev_lora
@@ -239,6 +240,8 @@ def _train_step(args, cfg, abstract, mesh):
         raise SystemExit(f"--tokens {args.tokens}: --step train needs a square canvas (e.g. 4096 = 64 x 64)")
     tcfg = dataclasses.replace(flux_dev_lora.get_config(), lora_rank=args.rank, batch_size=args.batch,
                                panel=side * 16 // 2, dtype=args.dtype, remat=cfg.remat)
+    # The factors as the Trainer adds them (`trainer.build_model`): its targets, alpha and fp32 master dtype.
+    add_lora(abstract, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_targets, dtype=config_dtype(tcfg, "lora_dtype"))
     dtype = getattr(jnp, args.dtype)
     ae = nnx.eval_shape(lambda: Autoencoder(AutoencoderConfig.from_dict(flux_vae_config()), dtype=dtype,
                                             rngs=nnx.Rngs(0)))

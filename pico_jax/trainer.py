@@ -56,6 +56,11 @@ class TrainConfig:
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float | None = None
     lora_targets: str = "default"
+    # The factors' dtype, so their gradients' and Adam moments' too: fp32 master weights whatever
+    # `dtype` is (the forward casts them to it), as diffusers' LoRA scripts upcast theirs. In bf16,
+    # AdamW's small steps round away: at lr 1e-5, the paper config's cosine floor, ten steps moved
+    # 22 % of a fresh A's elements, a quarter of the way (benchmarks/RESULTS.md, twenty-fifth session).
+    lora_dtype: str = "float32"
     # optimization
     steps: int = 1000
     batch_size: int = 16  # global
@@ -164,8 +169,19 @@ def build_text(spec: dict, cfg: FluxConfig) -> TextConditioning:
     raise ValueError(f"text.kind must be 'zeros' or 'prompt' (got {spec.get('kind')!r})")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def config_dtype(cfg: TrainConfig, key: str) -> jnp.dtype:
+    """The dtype a config field names, or a ValueError naming the field."""
+    name = getattr(cfg, key)
+    if name not in DTYPES:
+        raise ValueError(f"{key}: expected one of {', '.join(DTYPES)} (got {name!r})")
+    return jnp.dtype(name)
+
+
 def build_model(cfg: TrainConfig, place=None) -> FluxTransformer:
-    dtype = getattr(jnp, cfg.dtype)
+    dtype = config_dtype(cfg, "dtype")
     if cfg.base_checkpoint:
         from pico_jax.convert import load_flux_transformer
 
@@ -181,7 +197,8 @@ def build_model(cfg: TrainConfig, place=None) -> FluxTransformer:
         from pico_jax.model.lora import DEFAULT_TARGETS, add_lora
 
         targets = DEFAULT_TARGETS if cfg.lora_targets == "default" else cfg.lora_targets
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, rngs=nnx.Rngs(cfg.seed + 1))
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, rngs=nnx.Rngs(cfg.seed + 1),
+                 dtype=config_dtype(cfg, "lora_dtype"))
     return model
 
 
@@ -356,7 +373,8 @@ class Trainer:
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if cfg.batch_size % dp:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")
-        dtype = getattr(jnp, cfg.dtype)
+        dtype = config_dtype(cfg, "dtype")
+        config_dtype(cfg, "lora_dtype")  # a bad value fails before anything is built
         from pico_jax.checkpoints import build_autoencoder
 
         self.ae = build_autoencoder(cfg.autoencoder, Path(cfg.autoencoder.get("root", ".")), dtype)

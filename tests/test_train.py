@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -170,6 +171,57 @@ def test_lora_step_changes_only_lora_params():
     n_opt = sum(x.size for x in jax.tree.leaves(opt_state) if hasattr(x, "size") and x.ndim > 0)
     n_lora = sum(v.size for v in after.values())
     assert n_opt == 2 * n_lora  # Adam's mu and nu
+
+
+def _two_lora_steps(cfg):
+    """A's values before and after two steps (B is zero at first, so A's gradient is zero in the first)."""
+    tr = Trainer(cfg, "/tmp/unused", progress=False)
+    from pico_jax.parallel import batch_sharding
+    from pico_jax.trainer import make_data
+
+    data = iter(make_data(cfg))
+    a_of = lambda trainable: {k: v.astype(np.float32) for k, v in _flat(trainable).items() if k.endswith("lora_a")}
+    before = a_of(tr.trainable)
+    state = (tr.trainable, tr.opt_state, tr.ema)
+    for step in (1, 2):
+        host = next(data)
+        batch = {k: jax.device_put(v, batch_sharding(tr.mesh, v.ndim)) for k, v in host.items() if k != "task_id"}
+        trainable, opt_state, ema, _ = tr.step_fn(state[0], tr.frozen, tr.conditioning, state[1], state[2], batch, np.int32(step))
+        state = (trainable, opt_state, ema)
+    return tr, state, before, a_of(state[0])
+
+
+def test_lora_factors_are_fp32_master_weights_on_a_bf16_base():
+    """On a bf16 base the factors, their gradients and Adam's moments are fp32 (lora_dtype's
+    default), so AdamW's small steps are kept: at lr 1e-5 every element of A moves in the second
+    step. With bf16 factors (lora_dtype="bfloat16") the same steps round away."""
+    cfg = micro(lora_rank=4, dtype="bfloat16", lr=1e-5, warmup_steps=1)
+    tr, (trainable, opt_state, _), before, after = _two_lora_steps(cfg)
+    assert {x.dtype for x in jax.tree.leaves(tr.frozen)} == {np.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(trainable)} == {np.dtype(np.float32)}
+    assert {x.dtype for x in jax.tree.leaves(opt_state) if x.ndim > 0} == {np.dtype(np.float32)}
+    moved = np.mean([np.mean(after[k] != before[k]) for k in after])
+    assert moved > 0.99, moved
+    *_, before16, after16 = _two_lora_steps(dataclasses.replace(cfg, lora_dtype="bfloat16"))
+    moved16 = np.mean([np.mean(after16[k] != before16[k]) for k in after16])
+    assert moved16 < 0.5, moved16
+
+
+def test_a_run_with_bf16_factors_resumes_with_fp32_ones(tmp_path):
+    """Checkpoints written before lora_dtype existed hold bf16 factors on a bf16 base; orbax casts
+    them to the fp32 target as it reads them, moments too, and the run goes on."""
+    cfg = micro(lora_rank=4, dtype="bfloat16", steps=3, lora_dtype="bfloat16")
+    Trainer(cfg, tmp_path, progress=False).run()
+    tr = Trainer(dataclasses.replace(cfg, steps=5, lora_dtype="float32"), tmp_path, progress=False)
+    assert tr.run() == {"status": "finished", "step": 5}
+    assert {x.dtype for x in jax.tree.leaves((tr.trainable, tr.opt_state)) if x.ndim} == {np.dtype(np.float32)}
+
+
+def test_a_bad_dtype_names_its_config_key():
+    with pytest.raises(ValueError, match="lora_dtype: expected one of float32, bfloat16, float16 \\(got 'fp8'\\)"):
+        Trainer(micro(lora_rank=4, lora_dtype="fp8"), "/tmp/unused", progress=False)
+    with pytest.raises(ValueError, match="^dtype: expected one of"):
+        Trainer(micro(dtype="half"), "/tmp/unused", progress=False)
 
 
 def _metrics(workdir):
