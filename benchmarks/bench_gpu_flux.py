@@ -573,7 +573,7 @@ def section_lora(bench: Bench) -> None:
     args = bench.args
     cfg = fill_config(bench.cfg).replace(remat=args.remat)
     model = make_model(cfg, bench.dtype)
-    paths = add_lora(model, args.rank)
+    paths = add_lora(model, args.rank, dtype=jnp.float32)  # fp32 master factors, as the trainer keeps them
     # LoRAParam first: it is a subclass of Param, so `...` then takes only the frozen base.
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
     del model
@@ -594,7 +594,7 @@ def section_lora(bench: Bench) -> None:
     med = bench.results["lora_s"] = statistics.median(runs)
     print(f"lora: {med * 1e3:.1f} ms per step (median of {args.repeat}; runs {fmt_runs(runs)}), remat={cfg.remat}, "
           f"rank {args.rank} on {len(paths)} projections of every block ({count_params(state[0]) / 1e6:.2f} M "
-          f"trainable), batch 1, {args.tokens**2}+{args.text} tokens, loss {float(losses[-1]):.3f}; "
+          f"trainable, fp32), batch 1, {args.tokens**2}+{args.text} tokens, loss {float(losses[-1]):.3f}; "
           f"compile {compile_s:.1f} s, first step {first * 1e3:.0f} ms", flush=True)
     others = [s for s in bench.ran if s != "lora"]
     note = f" (process peak: includes {', '.join(others)}; run --sections lora alone)" if others else ""
