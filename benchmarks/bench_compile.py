@@ -241,7 +241,7 @@ def _train_step(args, cfg, abstract, mesh):
     tcfg = dataclasses.replace(flux_dev_lora.get_config(), lora_rank=args.rank, batch_size=args.batch,
                                panel=side * 16 // 2, dtype=args.dtype, remat=cfg.remat)
     # The factors as the Trainer adds them (`trainer.build_model`): its targets, alpha and fp32 master dtype.
-    add_lora(abstract, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_targets, dtype=config_dtype(tcfg, "lora_dtype"))
+    add_lora(abstract, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_targets, dtype=config_dtype(tcfg, "master_dtype"))
     dtype = getattr(jnp, args.dtype)
     ae = nnx.eval_shape(lambda: Autoencoder(AutoencoderConfig.from_dict(flux_vae_config()), dtype=dtype,
                                             rngs=nnx.Rngs(0)))

@@ -51,16 +51,17 @@ class TrainConfig:
     panel: int = 32
     query_hint: bool = False  # Fill condition shows B under the B' mask (see CanvasLayout); keep False for FLUX.1-Fill
     prediction: str = "velocity"  # network output: 'velocity' (FLUX) or 'x0_residual' (see flow.velocity_from_output)
-    dtype: str = "float32"  # compute/param dtype of the base
+    dtype: str = "float32"  # compute dtype, and the frozen base's parameters'
     # what is trained
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float | None = None
     lora_targets: str = "default"
-    # The factors' dtype, so their gradients' and Adam moments' too: fp32 master weights whatever
-    # `dtype` is (the forward casts them to it), as diffusers' LoRA scripts upcast theirs. In bf16,
-    # AdamW's small steps round away: at lr 1e-5, the paper config's cosine floor, ten steps moved
-    # 22 % of a fresh A's elements, a quarter of the way (benchmarks/RESULTS.md, twenty-fifth session).
-    lora_dtype: str = "float32"
+    # The trained parameters' dtype (the LoRA factors, or with lora_rank 0 every parameter), so
+    # their gradients' and Adam moments' too: fp32 master weights whatever `dtype` is (the forward
+    # casts them to it), as diffusers' scripts upcast their trainable parameters. In bf16, AdamW's
+    # small steps round away: at lr 1e-5, the paper config's cosine floor, ten steps moved 22 % of
+    # a fresh LoRA A's elements, a quarter of the way (benchmarks/RESULTS.md, twenty-fifth session).
+    master_dtype: str = "float32"
     # optimization
     steps: int = 1000
     batch_size: int = 16  # global
@@ -181,13 +182,16 @@ def config_dtype(cfg: TrainConfig, key: str) -> jnp.dtype:
 
 
 def build_model(cfg: TrainConfig, place=None) -> FluxTransformer:
-    dtype = config_dtype(cfg, "dtype")
+    dtype, master = config_dtype(cfg, "dtype"), config_dtype(cfg, "master_dtype")
+    base_dtype = dtype if cfg.lora_rank > 0 else master  # the base is what is trained in full fine-tuning
     if cfg.base_checkpoint:
         from pico_jax.convert import load_flux_transformer
 
-        model = load_flux_transformer(cfg.base_checkpoint, dtype=dtype, place=place, remat=cfg.remat)
+        model = load_flux_transformer(cfg.base_checkpoint, dtype=dtype, param_dtype=base_dtype, place=place,
+                                      remat=cfg.remat)
     else:
-        model = FluxTransformer(cfg.model.replace(remat=cfg.remat), rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=dtype)
+        model = FluxTransformer(cfg.model.replace(remat=cfg.remat), rngs=nnx.Rngs(cfg.seed), dtype=dtype,
+                                param_dtype=base_dtype)
         if cfg.prediction == "x0_residual":
             # Zero output = "B' is B": a fresh residual model starts exactly at the copy-B baseline
             # and learns only the change the exemplar shows (DiT zero-initialises this layer too).
@@ -197,8 +201,7 @@ def build_model(cfg: TrainConfig, place=None) -> FluxTransformer:
         from pico_jax.model.lora import DEFAULT_TARGETS, add_lora
 
         targets = DEFAULT_TARGETS if cfg.lora_targets == "default" else cfg.lora_targets
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, rngs=nnx.Rngs(cfg.seed + 1),
-                 dtype=config_dtype(cfg, "lora_dtype"))
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, rngs=nnx.Rngs(cfg.seed + 1), dtype=master)
     return model
 
 
@@ -374,7 +377,7 @@ class Trainer:
         if cfg.batch_size % dp:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")
         dtype = config_dtype(cfg, "dtype")
-        config_dtype(cfg, "lora_dtype")  # a bad value fails before anything is built
+        config_dtype(cfg, "master_dtype")  # a bad value fails before anything is built
         from pico_jax.checkpoints import build_autoencoder
 
         self.ae = build_autoencoder(cfg.autoencoder, Path(cfg.autoencoder.get("root", ".")), dtype)

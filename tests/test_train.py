@@ -192,9 +192,9 @@ def _two_lora_steps(cfg):
 
 
 def test_lora_factors_are_fp32_master_weights_on_a_bf16_base():
-    """On a bf16 base the factors, their gradients and Adam's moments are fp32 (lora_dtype's
+    """On a bf16 base the factors, their gradients and Adam's moments are fp32 (master_dtype's
     default), so AdamW's small steps are kept: at lr 1e-5 every element of A moves in the second
-    step. With bf16 factors (lora_dtype="bfloat16") the same steps round away."""
+    step. With bf16 factors (master_dtype="bfloat16") the same steps round away."""
     cfg = micro(lora_rank=4, dtype="bfloat16", lr=1e-5, warmup_steps=1)
     tr, (trainable, opt_state, _), before, after = _two_lora_steps(cfg)
     assert {x.dtype for x in jax.tree.leaves(tr.frozen)} == {np.dtype(jnp.bfloat16)}
@@ -202,24 +202,39 @@ def test_lora_factors_are_fp32_master_weights_on_a_bf16_base():
     assert {x.dtype for x in jax.tree.leaves(opt_state) if x.ndim > 0} == {np.dtype(np.float32)}
     moved = np.mean([np.mean(after[k] != before[k]) for k in after])
     assert moved > 0.99, moved
-    *_, before16, after16 = _two_lora_steps(dataclasses.replace(cfg, lora_dtype="bfloat16"))
+    *_, before16, after16 = _two_lora_steps(dataclasses.replace(cfg, master_dtype="bfloat16"))
     moved16 = np.mean([np.mean(after16[k] != before16[k]) for k in after16])
     assert moved16 < 0.5, moved16
 
 
+def test_full_fine_tuning_in_bf16_trains_fp32_master_weights(tmp_path):
+    """With lora_rank 0 every parameter is trained, so every parameter is fp32 (master_dtype) and the
+    layers compute in bf16 (dtype): the model's output is bf16, the run trains and exports."""
+    tr = Trainer(micro(dtype="bfloat16", steps=2), tmp_path, progress=False)
+    assert {x.dtype for x in jax.tree.leaves((tr.trainable, tr.opt_state)) if x.ndim} == {np.dtype(np.float32)}
+    assert jax.tree.leaves(tr.frozen) == []
+    assert tr.run() == {"status": "finished", "step": 2}
+    assert all(np.isfinite(r["loss"]) for r in _metrics(tmp_path))
+    m = tr.model()
+    n, t, cfg = 8, 1, m.config
+    out = m(jnp.zeros((1, n, cfg.in_channels), jnp.bfloat16), jnp.zeros((1, t, cfg.context_dim), jnp.bfloat16),
+            jnp.zeros((1, cfg.pooled_dim), jnp.bfloat16), jnp.ones((1,)), jnp.zeros((n, 3)), jnp.zeros((t, 3)))
+    assert out.dtype == jnp.bfloat16
+
+
 def test_a_run_with_bf16_factors_resumes_with_fp32_ones(tmp_path):
-    """Checkpoints written before lora_dtype existed hold bf16 factors on a bf16 base; orbax casts
+    """Checkpoints written before master_dtype existed hold bf16 factors on a bf16 base; orbax casts
     them to the fp32 target as it reads them, moments too, and the run goes on."""
-    cfg = micro(lora_rank=4, dtype="bfloat16", steps=3, lora_dtype="bfloat16")
+    cfg = micro(lora_rank=4, dtype="bfloat16", steps=3, master_dtype="bfloat16")
     Trainer(cfg, tmp_path, progress=False).run()
-    tr = Trainer(dataclasses.replace(cfg, steps=5, lora_dtype="float32"), tmp_path, progress=False)
+    tr = Trainer(dataclasses.replace(cfg, steps=5, master_dtype="float32"), tmp_path, progress=False)
     assert tr.run() == {"status": "finished", "step": 5}
     assert {x.dtype for x in jax.tree.leaves((tr.trainable, tr.opt_state)) if x.ndim} == {np.dtype(np.float32)}
 
 
 def test_a_bad_dtype_names_its_config_key():
-    with pytest.raises(ValueError, match="lora_dtype: expected one of float32, bfloat16, float16 \\(got 'fp8'\\)"):
-        Trainer(micro(lora_rank=4, lora_dtype="fp8"), "/tmp/unused", progress=False)
+    with pytest.raises(ValueError, match="master_dtype: expected one of float32, bfloat16, float16 \\(got 'fp8'\\)"):
+        Trainer(micro(lora_rank=4, master_dtype="fp8"), "/tmp/unused", progress=False)
     with pytest.raises(ValueError, match="^dtype: expected one of"):
         Trainer(micro(dtype="half"), "/tmp/unused", progress=False)
 
