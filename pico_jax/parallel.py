@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -284,9 +285,17 @@ def check_batch_size(batch_size: int, mesh: Mesh, name: str = "--batch-size") ->
                         f"(mesh {dict(mesh.shape)}): each of those devices takes an equal share of the batch")
 
 
-def fsdp_gather_layer(layer_state):
+# Parameters a layer casts to its compute dtype before any use (a Dense's kernel and LoRA factors).
+_CAST_AT_USE = re.compile(r"(^|\.)(kernel|lora_a|lora_b)$")
+
+
+def fsdp_gather_layer(layer_state, compute_dtype=None):
     """One scanned layer's parameters, all-gathered over 'fsdp' (still split over 'tensor'), when JAX's
     context mesh (`jax.set_mesh`, see `on_mesh`) has an 'fsdp' axis; otherwise unchanged.
+
+    With `compute_dtype`, the parameters the layer would cast to it at use (kernels, LoRA factors)
+    are cast before the gather instead of after: the same values, so fp32 master weights under a
+    bf16 compute dtype move half the bytes (their gradients come back the same way).
 
     This is what makes 'fsdp' FSDP: each layer's weights are gathered just before the layer runs
     (and again in the backward), the batch stays split. Without it, XLA's partitioner, given a
@@ -302,9 +311,14 @@ def fsdp_gather_layer(layer_state):
 
     mesh = jax.sharding.get_abstract_mesh()
     leaves = []
+    narrow = jnp.dtype(compute_dtype) if compute_dtype is not None else None
     for key_path, var in nnx.to_flat_state(layer_state):
         value = var.get_value()
-        spec = spec_for(".".join(str(p) for p in key_path), value.shape, mesh)
+        name = ".".join(str(p) for p in key_path)
+        if (narrow is not None and _CAST_AT_USE.search(name) and jnp.issubdtype(value.dtype, jnp.floating)
+                and value.dtype.itemsize > narrow.itemsize):
+            value = jax.lax.optimization_barrier(value.astype(narrow))
+        spec = spec_for(name, value.shape, mesh)
         gathered = without_fsdp(spec)
         value = checkpoint_name(jax.lax.with_sharding_constraint(value, gathered), FSDP_GATHERED)
         leaves.append((key_path, var.replace(value)))

@@ -652,8 +652,11 @@ def scaled_time(t, dtype) -> jax.Array:
     return (jnp.asarray(t).astype(dtype) * jnp.asarray(1000, dtype)).astype(jnp.float32)
 
 
-def scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 1):
-    """lax.scan of `body(block, carry, x) -> (carry, y)` over a stacked module's layers."""
+def scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 1, compute_dtype=None):
+    """lax.scan of `body(block, carry, x) -> (carry, y)` over a stacked module's layers.
+
+    compute_dtype: the layers' compute dtype, so that over 'fsdp' the weights they cast to it are
+    gathered in it (`fsdp_gather_layer`)."""
     graphdef, state = nnx.split(stacked)
     if remat != "none" and remat not in _REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose none, {', '.join(_REMAT_POLICIES)}")
@@ -665,7 +668,7 @@ def scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 
 
     def layer_step(layer_state, carry, x):
         # Under a context mesh with 'fsdp', the layer's weights are gathered here, one layer at a time.
-        return body(nnx.merge(graphdef, fsdp_gather_layer(layer_state)), carry, x)
+        return body(nnx.merge(graphdef, fsdp_gather_layer(layer_state, compute_dtype)), carry, x)
 
     if remat != "none":
         layer_step = jax.checkpoint(layer_step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
@@ -900,7 +903,7 @@ class FluxTransformer(nnx.Module):
             return (img, txt), stats
 
         (img, txt), d_stats = scan_blocks(double_body, (img, txt), self.double_blocks, flags[: cfg.num_double], cfg.remat,
-                                          cfg.scan_unroll)
+                                          cfg.scan_unroll, self.dtype)
 
         def single_body(block, x, f):
             return block(x, vec, cos, sin, hooks, f[0], f[1])
@@ -908,7 +911,7 @@ class FluxTransformer(nnx.Module):
         n_txt = txt.shape[1]
         x, s_stats = scan_blocks(
             single_body, jnp.concatenate([txt, img], 1), self.single_blocks, flags[cfg.num_double :], cfg.remat,
-            cfg.scan_unroll,
+            cfg.scan_unroll, self.dtype,
         )
         img = x[:, n_txt:]
 
