@@ -378,7 +378,8 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
             if head[0] == "ENTRY":
                 entry = current
         elif current is not None and line.startswith("  "):
-            computations[current].append(line)
+            # Tuples of six or more print `/*index=5*/` markers, whose '=' ended the result type early.
+            computations[current].append(re.sub(r"/\*.*?\*/", "", line))
     memo: dict[str, collections.Counter] = {}
 
     def total(name: str) -> collections.Counter:
