@@ -228,9 +228,9 @@ def _train_step(args, cfg, abstract, mesh):
     from pico_jax.model.flux import count_params
     from pico_jax.parallel import batch_sharding, replicated, state_shardings
     from pico_jax.pipeline import CanvasLayout, TextConditioning, fill_in_channels
-    from pico_jax.trainer import jit_train_step, make_optimizer, make_train_step, optimizer_state_shardings
     from pico_jax.model.lora import add_lora
-    from pico_jax.trainer import config_dtype, trainable_filter
+    from pico_jax.trainer import (config_dtype, jit_train_step, make_optimizer, make_train_step,
+                                  optimizer_state_shardings, trainable_filter)
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
     import flux_dev_lora

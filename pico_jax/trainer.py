@@ -55,7 +55,7 @@ class TrainConfig:
     # what is trained
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float | None = None
-    lora_targets: str = "default"
+    lora_targets: str = "default"  # add_lora's: a regex of Dense paths, or a preset ('default', 'all')
     # The trained parameters' dtype (the LoRA factors, or with lora_rank 0 every parameter), so
     # their gradients' and Adam moments' too: fp32 master weights whatever `dtype` is (the forward
     # casts them to it), as diffusers' scripts upcast their trainable parameters. In bf16, AdamW's
@@ -198,10 +198,9 @@ def build_model(cfg: TrainConfig, place=None) -> FluxTransformer:
             model.final_proj.kernel[...] = jnp.zeros_like(model.final_proj.kernel[...])
             model.final_proj.bias[...] = jnp.zeros_like(model.final_proj.bias[...])
     if cfg.lora_rank > 0:
-        from pico_jax.model.lora import DEFAULT_TARGETS, add_lora
+        from pico_jax.model.lora import add_lora
 
-        targets = DEFAULT_TARGETS if cfg.lora_targets == "default" else cfg.lora_targets
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, rngs=nnx.Rngs(cfg.seed + 1), dtype=master)
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, rngs=nnx.Rngs(cfg.seed + 1), dtype=master)
     return model
 
 

@@ -37,14 +37,20 @@ def _flat(state):
     return {".".join(map(str, k)): np.array(v.get_value(), copy=True) for k, v in nnx.to_flat_state(state)}
 
 
+def _device_batch(tr, host):
+    """A host batch's panels as the Trainer shards them (over the run's data x fsdp devices)."""
+    from pico_jax.parallel import batch_sharding
+
+    return {k: jax.make_array_from_process_local_data(batch_sharding(tr.mesh, v.ndim), v)
+            for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
+
+
 def _one_step(cfg, devices=None):
     tr = Trainer(cfg, "/tmp/unused", progress=False, devices=devices)
-    from pico_jax.parallel import batch_sharding
     from pico_jax.trainer import make_data
 
     host = next(iter(make_data(cfg)))
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding(tr.mesh, v.ndim), v)
-             for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
+    batch = _device_batch(tr, host)
     before = _flat(tr.trainable)
     trainable, _, _, m = tr.step_fn(tr.trainable, tr.frozen, tr.conditioning, tr.opt_state, tr.ema, batch, np.int32(1))  # step 1: warmup lr > 0
     return float(m["loss"]), before, _flat(trainable)
@@ -75,15 +81,13 @@ def test_optimizer_state_is_sharded_like_the_params_and_one_program_serves_every
     same = jax.tree.leaves(optax.tree_map_params(tr.tx, lambda m, p: m.sharding == p.sharding, tr.opt_state,
                                                  tr.trainable, transform_non_params=lambda _: None))
     assert len(same) == 2 * len(params) and all(same)  # Adam's mu and nu, each where its parameter is
-    from pico_jax.parallel import batch_sharding
     from pico_jax.trainer import make_data
 
     it = iter(make_data(tr.cfg))
     before = (spec_of(tr.trainable), spec_of(tr.opt_state), spec_of(tr.ema))
     state = (tr.trainable, tr.opt_state, tr.ema)
     for step in (0, 1):
-        batch = {k: jax.make_array_from_process_local_data(batch_sharding(tr.mesh, v.ndim), v)
-                 for k, v in next(it).items() if k in ("A", "A_out", "B", "B_out")}
+        batch = _device_batch(tr, next(it))
         trainable, opt_state, ema, _ = tr.step_fn(state[0], tr.frozen, tr.conditioning, state[1], state[2], batch, np.int32(step))
         state = (trainable, opt_state, ema)
         assert (spec_of(trainable), spec_of(opt_state), spec_of(ema)) == before
@@ -135,12 +139,10 @@ def test_a_diffusers_autoencoder_trains_and_its_weights_are_arguments_not_consta
     model = dataclasses.replace(micro().model, in_channels=2 * 4 * 4 + 4 * 2**2, out_channels=4 * 4)
     cfg = micro(model=model, mesh="fsdp=8", autoencoder={"kind": "diffusers", "root": str(tmp_path), "path": "vae"})
     tr = Trainer(cfg, tmp_path / "run", progress=False)
-    from pico_jax.parallel import batch_sharding
     from pico_jax.trainer import make_data
 
     host = next(iter(make_data(cfg)))
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding(tr.mesh, v.ndim), v)
-             for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
+    batch = _device_batch(tr, host)
     args = (tr.trainable, tr.frozen, tr.conditioning, tr.opt_state, tr.ema, batch, np.int32(1))
     program = tr.step_fn.lower(*args).as_text()
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tr.conditioning[0]))
@@ -156,11 +158,10 @@ def test_lora_step_changes_only_lora_params():
     frozen_before = _flat(tr.frozen)
     lora_keys = set(_flat(tr.trainable))
     assert lora_keys and all(k.endswith(("lora_a", "lora_b")) for k in lora_keys)
-    from pico_jax.parallel import batch_sharding
     from pico_jax.trainer import make_data
 
     host = next(iter(make_data(cfg)))
-    batch = {k: jax.device_put(v, batch_sharding(tr.mesh, v.ndim)) for k, v in host.items() if k != "task_id"}
+    batch = _device_batch(tr, host)
     before = _flat(tr.trainable)
     trainable, opt_state, _, m = tr.step_fn(tr.trainable, tr.frozen, tr.conditioning, tr.opt_state, tr.ema, batch, np.int32(1))
     after = _flat(trainable)
@@ -176,7 +177,6 @@ def test_lora_step_changes_only_lora_params():
 def _two_lora_steps(cfg):
     """A's values before and after two steps (B is zero at first, so A's gradient is zero in the first)."""
     tr = Trainer(cfg, "/tmp/unused", progress=False)
-    from pico_jax.parallel import batch_sharding
     from pico_jax.trainer import make_data
 
     data = iter(make_data(cfg))
@@ -185,7 +185,7 @@ def _two_lora_steps(cfg):
     state = (tr.trainable, tr.opt_state, tr.ema)
     for step in (1, 2):
         host = next(data)
-        batch = {k: jax.device_put(v, batch_sharding(tr.mesh, v.ndim)) for k, v in host.items() if k != "task_id"}
+        batch = _device_batch(tr, host)
         trainable, opt_state, ema, _ = tr.step_fn(state[0], tr.frozen, tr.conditioning, state[1], state[2], batch, np.int32(step))
         state = (trainable, opt_state, ema)
     return tr, state, before, a_of(state[0])
