@@ -40,7 +40,6 @@ from pico_jax.model.text import (
 )
 from pico_jax.safetensors_io import CheckpointError
 
-transformers = pytest.importorskip("transformers")
 
 T5_TINY = dict(
     vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
