@@ -306,7 +306,10 @@ def fsdp_gather_layer(layer_state, compute_dtype=None):
     sampler's plan held the whole model's weights gathered (benchmarks/RESULTS.md, seventeenth
     session). The names are the layer's own (`img.qkv.kernel`),
     which the rules match as they match the stacked ones. Under remat the backward gathers them
-    again; with remat="none" autodiff keeps each layer's gathered weights for the backward."""
+    again; with remat="none" autodiff keeps each layer's gathered weights for the backward.
+
+    The gather's gradient is FSDP's reduce-scatter: each device's partial gradient goes, widened
+    to the parameter's dtype, straight to the parameter's own layout (`_gather_over_fsdp_bwd`)."""
     if not fsdp_gathering():
         return layer_state
     from flax import nnx
@@ -317,14 +320,45 @@ def fsdp_gather_layer(layer_state, compute_dtype=None):
     for key_path, var in nnx.to_flat_state(layer_state):
         value = var.get_value()
         name = ".".join(str(p) for p in key_path)
-        if (narrow is not None and _CAST_AT_USE.search(name) and jnp.issubdtype(value.dtype, jnp.floating)
-                and value.dtype.itemsize > narrow.itemsize):
-            value = jax.lax.optimization_barrier(value.astype(narrow))
+        cast = (narrow is not None and _CAST_AT_USE.search(name) is not None
+                and jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize > narrow.itemsize)
         spec = spec_for(name, value.shape, mesh)
-        gathered = without_fsdp(spec)
-        value = checkpoint_name(jax.lax.with_sharding_constraint(value, gathered), FSDP_GATHERED)
-        leaves.append((key_path, var.replace(value)))
+        gathered = _gather_over_fsdp(spec, without_fsdp(spec), narrow if cast else None, value.dtype, value)
+        leaves.append((key_path, var.replace(checkpoint_name(gathered, FSDP_GATHERED))))
     return nnx.from_flat_state(leaves)
+
+
+def _cast_and_gather(gathered: P, narrow, value: jax.Array) -> jax.Array:
+    """`value` gathered to the layout `gathered`, cast to `narrow` first if given. The barrier
+    keeps XLA from moving the gather back above the cast (it did: 86 % fp32 bytes)."""
+    if narrow is not None:
+        value = jax.lax.optimization_barrier(value.astype(narrow))
+    return jax.lax.with_sharding_constraint(value, gathered)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _gather_over_fsdp(spec: P, gathered: P, narrow, master, value: jax.Array) -> jax.Array:
+    """`_cast_and_gather` of `value` (laid out as `spec`, of dtype `master`), with the gradient
+    of `_gather_over_fsdp_bwd`."""
+    return _cast_and_gather(gathered, narrow, value)
+
+
+def _gather_over_fsdp_fwd(spec, gathered, narrow, master, value):
+    # Not through the custom_vjp function: its ops must stay visible to remat policies, so that
+    # `save_all_but_gathered_weights` sees the sharding constraint and does not keep its output.
+    return _cast_and_gather(gathered, narrow, value), None
+
+
+def _gather_over_fsdp_bwd(spec, gathered, narrow, master, _, cotangent):
+    """The gradient goes straight to the parameter's own layout, widened first: each device's
+    partial sum is reduce-scattered over 'fsdp' in the master dtype (XLA:CPU writes that as an
+    all-reduce and a slice). Autodiff's transpose of the constraint asks for the whole gradient
+    on every device instead; XLA then computed some kernels' gradients on another layout and
+    all-gathered them in fp32 (benchmarks/RESULTS.md, twenty-sixth session)."""
+    return (jax.lax.with_sharding_constraint(cotangent.astype(master), spec),)
+
+
+_gather_over_fsdp.defvjp(_gather_over_fsdp_fwd, _gather_over_fsdp_bwd)
 
 
 def fsdp_gathering() -> bool:

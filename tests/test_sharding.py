@@ -288,7 +288,10 @@ def test_fp32_master_weights_are_gathered_in_the_compute_dtype(tmp_path):
     scan's fsdp gather, as the layers would cast them after it: XLA's SPMD partitioner then gathers
     bf16. (Read after partitioning: XLA:CPU later widens bf16 collectives to fp32.) Without the
     cast, or with it but no barrier (the partitioner moved the gather above the convert), the
-    gathers were 86 % fp32 bytes here; now 22 %, the rest the backward's resharded gradients."""
+    gathers were 86 % fp32 bytes here. With the cast, 22 % remained: gradients that autodiff's
+    transpose of the gather had XLA compute on another layout and gather in fp32. The gather's own
+    gradient rule now sends them straight to their shards; the only fp32 gather left is the
+    batch's 8 timesteps."""
     import glob
     import re
 
@@ -321,7 +324,7 @@ def test_fp32_master_weights_are_gathered_in_the_compute_dtype(tmp_path):
     gathered = {"bf16": 0, "f32": 0}
     for dtype, shape in re.findall(r"= (bf16|f32)\[([\d,]+)\]\S* all-gather\(", open(partitioned).read()):
         gathered[dtype] += int(np.prod([int(d) for d in shape.split(",")])) * (2 if dtype == "bf16" else 4)
-    assert gathered["bf16"] > 2 * gathered["f32"], gathered
+    assert gathered["bf16"] > 1000 * gathered["f32"], gathered
 
 
 def test_t5_xxl_and_clip_l_compile_sharded_on_8_devices():
