@@ -55,6 +55,8 @@ def main(argv=None):
     ap.add_argument("--remat", choices=("full", "dots", "nothing", "none"), default="full",
                     help="FluxConfig.remat of the layer stacks (default full)")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank for --step lora and --step train")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="--step train: the --batch canvases in this many micro-batches (TrainConfig.grad_accum_steps)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                     help="parameters and activations (default bfloat16). On CPU a bf16 product runs through "
                          "flux.narrow_product (fp32 accumulation, a custom VJP); float32 takes the plain dot "
@@ -239,7 +241,11 @@ def _train_step(args, cfg, abstract, mesh):
     if side * side != args.tokens:
         raise SystemExit(f"--tokens {args.tokens}: --step train needs a square canvas (e.g. 4096 = 64 x 64)")
     tcfg = dataclasses.replace(flux_dev_lora.get_config(), lora_rank=args.rank, batch_size=args.batch,
-                               panel=side * 16 // 2, dtype=args.dtype, remat=cfg.remat)
+                               grad_accum_steps=args.grad_accum, panel=side * 16 // 2, dtype=args.dtype, remat=cfg.remat)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if args.batch % (args.grad_accum * dp):
+        raise SystemExit(f"--batch {args.batch} must split into --grad-accum {args.grad_accum} micro-batches, "
+                         f"each divisible by the mesh's data x fsdp = {dp}")
     # The factors as the Trainer adds them (`trainer.build_model`): its targets, alpha and fp32 master dtype.
     add_lora(abstract, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_targets, dtype=config_dtype(tcfg, "master_dtype"))
     dtype = getattr(jnp, args.dtype)
@@ -264,8 +270,9 @@ def _train_step(args, cfg, abstract, mesh):
     step_fn = make_train_step(graphdef, ae_graphdef, layout, tcfg, tx, schedule)
     fn = jit_train_step(step_fn, trainable, jax.tree.map(lambda x: x.sharding, opt_state), ema, mesh)
     operands = (trainable, frozen, conditioning, opt_state, ema, batch, S((), jnp.int32, sharding=everywhere))
+    micro = f" in {args.grad_accum} micro-batches" if args.grad_accum > 1 else ""
     what = (f"training step (LoRA rank {args.rank}, {count_params(trainable) / 1e6:.1f} M trainable; FLUX VAE encode "
-            f"of {args.batch} {2 * tcfg.panel}^2 canvases, AdamW{', EMA' if ema is not None else ''})")
+            f"of {args.batch} {2 * tcfg.panel}^2 canvases{micro}, AdamW{', EMA' if ema is not None else ''})")
     return fn, operands, what, count_params(trainable) + count_params(frozen) + count_params(ae_state)
 
 

@@ -29,6 +29,9 @@ examples:
       --export pico_jax/pretrained/pico-tiny                                  # the bundled model
   python train.py --config configs/pico_tiny.py --workdir runs/x --steps 200 --batch-size 16 \\
       --lr 1e-3 --mesh data=2,fsdp=4 --set ema_decay=0.99 --set model.num_double=2
+  # a global batch of 32 at 1024^2 in the memory of 8 (4 micro-batches of 1 per device on fsdp=8)
+  python train.py --config configs/flux_dev_lora.py --workdir runs/lora --mesh fsdp=8 \\
+      --batch-size 32 --grad-accum-steps 4 --set base_checkpoint=...
   # multi-host: run the same command on every host (jax.distributed is initialized from the
   # environment: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM or Open MPI,
   # or PICO_MULTIHOST=1 on TPU pods); e.g. on host i of 2:
@@ -43,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, metavar="FILE", help="a Python file in configs/ with get_config()")
     p.add_argument("--workdir", required=True, metavar="DIR", help="run directory (resumed if it has checkpoints)")
     p.add_argument("--steps", type=int, help="total training steps")
-    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--batch-size", type=int, help="global batch size (per optimizer step)")
+    p.add_argument("--grad-accum-steps", type=int, metavar="K",
+                   help="split each step's batch into K micro-batches run one after another, gradients averaged: "
+                        "the activation memory of batch-size / K (default 1)")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--mesh", help="mesh shape, e.g. 'data=2,fsdp=4' (default: all devices on fsdp)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (0 = full fine-tuning)")
@@ -84,7 +90,8 @@ def main(argv=None) -> int:
             print(f"train.py: error: --set {kv!r}: expected KEY=VALUE", file=sys.stderr)
             return 2
         overrides[k.strip()] = v
-    for flag, key in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("mesh", "mesh"), ("lora_rank", "lora_rank")):
+    for flag, key in (("steps", "steps"), ("batch_size", "batch_size"), ("grad_accum_steps", "grad_accum_steps"),
+                      ("lr", "lr"), ("mesh", "mesh"), ("lora_rank", "lora_rank")):
         if getattr(args, flag) is not None:
             overrides[key] = str(getattr(args, flag))
     try:

@@ -64,7 +64,11 @@ class TrainConfig:
     master_dtype: str = "float32"
     # optimization
     steps: int = 1000
-    batch_size: int = 16  # global
+    batch_size: int = 16  # global, per optimizer step
+    # Each step's batch in this many equal micro-batches, one after another inside the step, their
+    # gradients averaged: the activation memory of batch_size / grad_accum_steps, the update of
+    # batch_size (the same draws and, up to summation order, the same gradient).
+    grad_accum_steps: int = 1
     lr: float = 3e-4
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
@@ -241,14 +245,15 @@ def canvas_from_batch(batch: dict) -> jax.Array:
     return jnp.concatenate([top, bottom], axis=1)
 
 
-def loss_fn(model: FluxTransformer, ae, text: TextConditioning, layout: CanvasLayout, batch: dict, key, cfg_mu: float, kind: str):
+def loss_fn(model: FluxTransformer, ae, text: TextConditioning, layout: CanvasLayout, batch: dict, t: jax.Array,
+            noise: jax.Array):
+    """The flow loss of one batch of canvases at timesteps `t` (B,) with `noise` shaped as their
+    latent tokens (`draw_noise`)."""
     canvas = canvas_from_batch(batch).astype(jnp.float32)
     b = canvas.shape[0]
     x0 = encode_tokens(ae, canvas).astype(model.dtype)
     cond, known = fill_condition(ae, canvas, layout)
-    k_t, k_n = jax.random.split(key)
-    t = sample_timesteps(k_t, b, kind=kind, mu=cfg_mu)
-    noise = jax.random.normal(k_n, x0.shape, jnp.float32).astype(x0.dtype)
+    noise = noise.astype(x0.dtype)
     xt = interpolate(x0, noise, t)
     prompt = jnp.broadcast_to(text.prompt_embeds, (b, *text.prompt_embeds.shape[1:])).astype(model.dtype)
     pooled = jnp.broadcast_to(text.pooled, (b, text.pooled.shape[-1])).astype(model.dtype)
@@ -265,6 +270,42 @@ def loss_fn(model: FluxTransformer, ae, text: TextConditioning, layout: CanvasLa
     return flow_loss(layout.velocity(pred, xt, t, known), x0, noise, jnp.asarray(layout.bprime_tokens()))
 
 
+def draw_noise(ae, batch: dict, key, mu: float, kind: str) -> tuple[jax.Array, jax.Array]:
+    """The step's random draws for the whole batch: timesteps (B,) and fp32 noise shaped as the
+    canvases' latent tokens. Drawn once per step, before any split into micro-batches, so that
+    accumulating gradients over micro-batches sees the same draws as one big batch."""
+    canvas = jax.eval_shape(lambda b: canvas_from_batch(b).astype(jnp.float32), batch)
+    tokens = jax.eval_shape(lambda c: encode_tokens(ae, c), canvas)
+    k_t, k_n = jax.random.split(key)
+    return sample_timesteps(k_t, canvas.shape[0], kind=kind, mu=mu), jax.random.normal(k_n, tokens.shape, jnp.float32)
+
+
+def accumulated_value_and_grad(f, params, data, micro_batches: int):
+    """`jax.value_and_grad(f)(params, *data)` for an `f` that is a mean over the leading (batch)
+    axis of every array in `data`, computed over `micro_batches` equal slices of that batch one
+    after another (a `lax.scan`), so only one slice's activations are alive at a time. Slice i
+    takes the examples i, i + m, i + 2m, ... (m = micro_batches): each device's contiguous share
+    of a batch split over devices splits the same way, so no example moves between devices. The
+    gradients are summed in at least fp32 and come back in their parameters' dtypes."""
+    if micro_batches == 1:
+        return jax.value_and_grad(f)(params, *data)
+    def interleave(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
+
+    wide = lambda p: jnp.promote_types(p.dtype, jnp.float32)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, wide(p)), params)
+
+    def add_one(carry, micro):
+        loss_sum, grad_sum = carry
+        loss, grads = jax.value_and_grad(f)(params, *micro)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grad_sum, grads)
+        return (loss_sum + loss.astype(jnp.float32), grad_sum), None
+
+    (loss_sum, grad_sum), _ = jax.lax.scan(add_one, (jnp.zeros((), jnp.float32), zeros), jax.tree.map(interleave, data))
+    grads = jax.tree.map(lambda a, p: (a / micro_batches).astype(p.dtype), grad_sum, params)
+    return loss_sum / micro_batches, grads
+
+
 def make_train_step(graphdef, ae_graphdef, layout, cfg: TrainConfig, tx, schedule):
     """The training step: `step_fn(trainable, frozen, conditioning, opt_state, ema, batch, step)`,
     `conditioning` = (the autoencoder's state, the TextConditioning). Both come in as arguments:
@@ -276,12 +317,13 @@ def make_train_step(graphdef, ae_graphdef, layout, cfg: TrainConfig, tx, schedul
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         ae_state, text = conditioning
         ae = nnx.merge(ae_graphdef, ae_state)
+        t, noise = draw_noise(ae, batch, key, mu, cfg.timestep_sampling)
 
-        def loss_of(trainable):
+        def loss_of(trainable, batch, t, noise):
             model = nnx.merge(graphdef, trainable, frozen)
-            return loss_fn(model, ae, text, layout, batch, key, mu, cfg.timestep_sampling)
+            return loss_fn(model, ae, text, layout, batch, t, noise)
 
-        loss, grads = jax.value_and_grad(loss_of)(trainable)
+        loss, grads = accumulated_value_and_grad(loss_of, trainable, (batch, t, noise), cfg.grad_accum_steps)
         loss = jnp.where(step == cfg.inject_nan_at_step, jnp.nan, loss)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
@@ -375,6 +417,9 @@ class Trainer:
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if cfg.batch_size % dp:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")
+        if cfg.grad_accum_steps < 1 or cfg.batch_size % (cfg.grad_accum_steps * dp):
+            raise ValueError(f"grad_accum_steps {cfg.grad_accum_steps}: batch_size {cfg.batch_size} must split into that many "
+                             f"micro-batches, each divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")
         dtype = config_dtype(cfg, "dtype")
         config_dtype(cfg, "master_dtype")  # a bad value fails before anything is built
         from pico_jax.checkpoints import build_autoencoder
