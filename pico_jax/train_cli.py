@@ -20,7 +20,8 @@ where the run stopped (parameters, optimizer, step, RNG, data position). SIGTERM
 checkpoint before exiting; a non-finite loss stops the run and keeps the last good checkpoint.
 
 Writes DIR/metrics.jsonl (step, loss, lr, grad_norm, throughput), DIR/tensorboard/,
-DIR/samples/step_*.png (rows: A | A' | B | ours | truth), DIR/checkpoints/ (Orbax)."""
+DIR/samples/step_*.png (rows: A | A' | B | ours | truth), DIR/checkpoints/ (Orbax), and with
+--profile, DIR/profile/ (a jax.profiler trace)."""
 
 EPILOG = """\
 examples:
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config field (model.* for the transformer; JSON for dicts); repeatable")
     p.add_argument("--export", metavar="DIR", help="after training, write a pico checkpoint (LoRA merged) here")
     p.add_argument("--export-lora", metavar="FILE", help="after training, write the LoRA as diffusers safetensors")
+    p.add_argument("--profile", type=int, metavar="STEP",
+                   help="write a jax.profiler trace of steps STEP.. (3 of them; --set profile_steps=N) to "
+                        "DIR/profile, for TensorBoard's profile plugin or Perfetto; pick a step after the first, which compiles")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--compile-cache", metavar="DIR", help=COMPILE_CACHE_HELP)
     return p
@@ -91,7 +95,7 @@ def main(argv=None) -> int:
             return 2
         overrides[k.strip()] = v
     for flag, key in (("steps", "steps"), ("batch_size", "batch_size"), ("grad_accum_steps", "grad_accum_steps"),
-                      ("lr", "lr"), ("mesh", "mesh"), ("lora_rank", "lora_rank")):
+                      ("lr", "lr"), ("mesh", "mesh"), ("lora_rank", "lora_rank"), ("profile", "profile_start_step")):
         if getattr(args, flag) is not None:
             overrides[key] = str(getattr(args, flag))
     try:

@@ -88,6 +88,11 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0: only at the end
+    # A jax.profiler trace of steps [profile_start_step, + profile_steps) into DIR/profile
+    # (TensorBoard's profile plugin, Perfetto or XProf read it); -1: none. Start after the first
+    # step, which compiles.
+    profile_start_step: int = -1
+    profile_steps: int = 3
     sample_steps: int = 12
     # The sampling defaults written into an exported checkpoint's pico.json: SamplingPlan fields
     # over (steps=sample_steps, mu=0), "scorer" a dict of ScorerConfig fields; e.g.
@@ -417,6 +422,8 @@ class Trainer:
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if cfg.batch_size % dp:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")
+        if cfg.profile_steps < 1:
+            raise ValueError(f"profile_steps must be >= 1 (got {cfg.profile_steps})")
         if cfg.grad_accum_steps < 1 or cfg.batch_size % (cfg.grad_accum_steps * dp):
             raise ValueError(f"grad_accum_steps {cfg.grad_accum_steps}: batch_size {cfg.batch_size} must split into that many "
                              f"micro-batches, each divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")
@@ -600,6 +607,7 @@ class Trainer:
         # while it does. Before anything is written (log row, checkpoint, sample sheet) the
         # pending loss is read, so a non-finite loss still stops the run before it is saved.
         unread = None
+        profiler = _StepProfiler(self.workdir / "profile", cfg.profile_start_step, cfg.profile_steps)
 
         def read_loss() -> float:
             nonlocal unread
@@ -623,10 +631,13 @@ class Trainer:
                     if sample_batch is None:
                         sample_batch = _first_of_global_batch(host, 4)
                     batch = {k: shard(v) for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
-                    self.trainable, self.opt_state, self.ema, m = self.step_fn(
-                        self.trainable, self.frozen, self.conditioning, self.opt_state, self.ema, batch,
-                        jnp.int32(self.step)
-                    )
+                    profiler.before(self.step)
+                    with jax.profiler.StepTraceAnnotation("train", step_num=self.step):
+                        self.trainable, self.opt_state, self.ema, m = self.step_fn(
+                            self.trainable, self.frozen, self.conditioning, self.opt_state, self.ema, batch,
+                            jnp.int32(self.step)
+                        )
+                    profiler.after(self.step, m)
                     if unread is not None:
                         read_loss()  # the step before this one
                     unread = (self.step, m)
@@ -660,6 +671,7 @@ class Trainer:
                 self.save(mngr, iterator, force=True)
             mngr.wait_until_finished()
         finally:
+            profiler.stop()
             mngr.close()
             bar.close()
             signal.signal(signal.SIGTERM, old)
@@ -668,6 +680,32 @@ class Trainer:
         if status == "finished" and sample_batch is not None:
             self.save_samples(sample_batch, self.workdir / "samples" / f"step_{self.step:06d}.png")
         return {"status": status, "step": self.step}
+
+
+class _StepProfiler:
+    """Traces the steps [start, start + count) with jax.profiler into `directory` (on a multi-host
+    run each process into its own process_<i>/, as the trace files are named by host)."""
+
+    def __init__(self, directory: Path, start: int, count: int):
+        if jax.process_count() > 1:
+            directory = directory / f"process_{jax.process_index()}"
+        self.directory, self.start, self.end, self.tracing = directory, start, start + count, False
+
+    def before(self, step: int) -> None:
+        if step == self.start:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self.tracing = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.tracing and step == self.end - 1:
+            jax.block_until_ready(outputs)  # the trace must hold the last step's device work
+            self.stop()
+
+    def stop(self) -> None:
+        if self.tracing:
+            self.tracing = False
+            jax.profiler.stop_trace()
 
 
 def _first_of_global_batch(host: dict, n: int) -> dict:

@@ -103,6 +103,23 @@ def test_grad_accum_steps_must_split_the_batch_evenly(k):
         Trainer(micro(mesh="data=1", grad_accum_steps=k), "/tmp/unused", progress=False, devices=jax.devices()[:1])
 
 
+def test_profile_traces_exactly_the_asked_steps(tmp_path):
+    """profile_start_step=2, profile_steps=2: one jax.profiler trace in DIR/profile whose step
+    annotations are steps 2 and 3, and the run goes on to the end."""
+    import gzip
+
+    out = Trainer(micro(mesh="data=1", steps=5, profile_start_step=2, profile_steps=2), tmp_path, progress=False,
+                  devices=jax.devices()[:1]).run()
+    assert out == {"status": "finished", "step": 5}
+    (trace,) = (tmp_path / "profile").rglob("*.trace.json.gz")
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+    events = json.load(gzip.open(trace))["traceEvents"]
+    assert sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train") == [2, 3]
+    with pytest.raises(ValueError, match="profile_steps must be >= 1"):
+        Trainer(micro(mesh="data=1", profile_start_step=2, profile_steps=0), tmp_path / "x", progress=False,
+                devices=jax.devices()[:1])
+
+
 def test_optimizer_state_is_sharded_like_the_params_and_one_program_serves_every_step():
     """Adam's moments live where their parameters do (over 'fsdp' each device holds its share, not a
     replica), and the state leaves a step laid out as it came in, so the second step runs the first
