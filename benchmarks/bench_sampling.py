@@ -21,7 +21,6 @@ matmul FLOPs counted in each traced program (scan trip counts and the vmapped se
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -33,38 +32,12 @@ import numpy as np
 from flax import nnx
 
 from pico_jax import grid
+from pico_jax.flops import matmul_flops
 from pico_jax.model.attention import explicit_attention, fused_attention
 from pico_jax.model.autoencoder import PixelAutoencoder
 from pico_jax.model.flux import FluxConfig, FluxTransformer, count_params
 from pico_jax.pipeline import CanvasLayout, SamplingPlan, TextConditioning, fill_condition, sample, seed_batch_for_backend
 from pico_jax.scorer import ScorerConfig
-
-
-def dot_flops(jaxpr, weight_in: int | None = None) -> float:
-    """Matmul FLOPs of a jaxpr with loop trip counts (cond: the dearer branch). With weight_in,
-    only dots against a (weight_in, ·) weight: the model's input projection, once per call."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            lhs, rhs = (v.aval.shape for v in eqn.invars)
-            (lc, _), _ = eqn.params["dimension_numbers"]
-            if weight_in is None or (len(rhs) == 2 and rhs[0] == weight_in):
-                total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lc)
-            continue
-        subs = []
-        for p in eqn.params.values():
-            for q in p if isinstance(p, (tuple, list)) else (p,):
-                if isinstance(q, jax.extend.core.ClosedJaxpr):
-                    subs.append(q.jaxpr)
-                elif isinstance(q, jax.extend.core.Jaxpr):
-                    subs.append(q)
-        counts = [dot_flops(s, weight_in) for s in subs]
-        if name == "cond":
-            total += max(counts)
-        elif counts:
-            total += sum(counts) * (eqn.params["length"] if name == "scan" else 1)
-    return total
 
 
 def main():
@@ -151,8 +124,8 @@ def main():
         fn = jax.jit(lambda st, c, kn, s, plan=plan: sample(nnx.merge(graphdef, st), c, kn, text, s, layout, plan))
         jaxpr = jax.make_jaxpr(fn)(state, cond, known, sd).jaxpr
         per_call = 2.0 * layout.num_tokens * cfg.in_channels * cfg.width
-        calls[key] = dot_flops(jaxpr, cfg.in_channels) / per_call
-        flops[key] = dot_flops(jaxpr)
+        calls[key] = matmul_flops(jaxpr, cfg.in_channels) / per_call
+        flops[key] = matmul_flops(jaxpr)
         t0 = time.perf_counter()
         compiled[key] = fn.lower(state, cond, known, sd).compile()
         jax.block_until_ready(compiled[key](state, cond, known, sd))

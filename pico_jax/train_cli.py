@@ -19,7 +19,8 @@ sharded too (FSDP), so FLUX.1-dev fits. Re-running with the same --workdir resum
 where the run stopped (parameters, optimizer, step, RNG, data position). SIGTERM saves a
 checkpoint before exiting; a non-finite loss stops the run and keeps the last good checkpoint.
 
-Writes DIR/metrics.jsonl (step, loss, lr, grad_norm, throughput), DIR/tensorboard/,
+Writes DIR/metrics.jsonl (step, loss, lr, grad_norm, steps/s, examples/s, TFLOP/s per device),
+DIR/tensorboard/,
 DIR/samples/step_*.png (rows: A | A' | B | ours | truth), DIR/checkpoints/ (Orbax), and with
 --profile, DIR/profile/ (a jax.profiler trace)."""
 

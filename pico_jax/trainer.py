@@ -458,9 +458,10 @@ class Trainer:
         self.conditioning = replicate(self.mesh, (ae_state, self.text))
         # One copy of the autoencoder and the text: the replicated one serves the step and the samples.
         self.ae, self.text = nnx.merge(ae_graphdef, self.conditioning[0]), self.conditioning[1]
-        step_fn = make_train_step(self.graphdef, ae_graphdef, self.layout, cfg, self.tx, self.schedule)
+        self._step_body = make_train_step(self.graphdef, ae_graphdef, self.layout, cfg, self.tx, self.schedule)
         # Traced under the mesh so the scanned layers gather their weights over 'fsdp' (parallel.on_mesh).
-        self.step_fn = on_mesh(jit_train_step(step_fn, self.trainable, opt_shardings, self.ema, self.mesh), self.mesh)
+        self.step_fn = on_mesh(jit_train_step(self._step_body, self.trainable, opt_shardings, self.ema, self.mesh),
+                               self.mesh)
         self.step = 0
         self._sample_pipelines: dict[int, Any] = {}  # save_samples' pipeline per sheet size, compiled once
 
@@ -574,6 +575,19 @@ class Trainer:
             save_png_atomic(np.concatenate(rows, 0), path)
 
     # --- main loop -------------------------------------------------------------------------
+    def step_flops(self, batch: dict) -> float:
+        """Matmul and convolution FLOPs of one training step on `batch` (all devices together), counted
+        in its jaxpr (`flops.matmul_flops`) with attention as XLA's two products: what the step
+        computes, remat's recomputation included; a fused attention kernel's own recomputation in
+        its backward (cuDNN's, splash's) is not."""
+        from pico_jax.flops import matmul_flops
+        from pico_jax.model.attention import forced_attention
+
+        with forced_attention("xla"):
+            jaxpr = jax.make_jaxpr(self._step_body)(self.trainable, self.frozen, self.conditioning, self.opt_state,
+                                                    self.ema, batch, jnp.int32(self.step))
+        return matmul_flops(jaxpr)
+
     def run(self) -> dict:
         from tqdm import tqdm
 
@@ -608,6 +622,7 @@ class Trainer:
         # pending loss is read, so a non-finite loss still stops the run before it is saved.
         unread = None
         profiler = _StepProfiler(self.workdir / "profile", cfg.profile_start_step, cfg.profile_steps)
+        flops_per_step = None  # counted once, on the first batch (a trace, no compile)
 
         def read_loss() -> float:
             nonlocal unread
@@ -631,6 +646,8 @@ class Trainer:
                     if sample_batch is None:
                         sample_batch = _first_of_global_batch(host, 4)
                     batch = {k: shard(v) for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
+                    if flops_per_step is None:
+                        flops_per_step = self.step_flops(batch)
                     profiler.before(self.step)
                     with jax.profiler.StepTraceAnnotation("train", step_num=self.step):
                         self.trainable, self.opt_state, self.ema, m = self.step_fn(
@@ -653,7 +670,8 @@ class Trainer:
                         sps = (self.step - last["step"]) / max(now - last["time"], 1e-9)
                         last.update(step=self.step, time=now)
                         row = {"step": self.step, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                               "lr": float(m["lr"]), "steps_per_sec": sps, "examples_per_sec": sps * cfg.batch_size}
+                               "lr": float(m["lr"]), "steps_per_sec": sps, "examples_per_sec": sps * cfg.batch_size,
+                               "tflops_per_sec_per_device": sps * flops_per_step / self.mesh.size / 1e12}
                         mf.write(json.dumps(row) + "\n")
                         mf.flush()
                         bar.set_postfix(loss=f"{loss:.4f}")

@@ -5,7 +5,6 @@ their exact noisy interpolation, Fill conditioning, and the pico checkpoint roun
 
 import dataclasses
 import json
-import math
 import shutil
 
 import jax
@@ -16,6 +15,7 @@ from flax import nnx
 
 from pico_jax import grid
 from pico_jax.checkpoints import load_pico, save_pico
+from pico_jax.flops import matmul_flops
 from pico_jax.flow import flux_mu, flux_schedule
 from pico_jax.model.autoencoder import PixelAutoencoder
 from pico_jax.model.flux import FluxConfig, FluxTransformer
@@ -317,36 +317,6 @@ def test_early_scores_are_the_documented_attention_statistic(model, conditioned,
         np.testing.assert_allclose(got[j], want, rtol=1e-5, atol=1e-6)
 
 
-def _dot_flops(jaxpr, weight_in: int | None = None) -> float:
-    """Flops of every dot_general in a jaxpr, loops multiplied by their trip counts (XLA's
-    cost_analysis counts a while-loop body once). With `weight_in`, only dots whose right
-    operand is a (weight_in, ·) matrix (the model's input projection)."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            lhs, rhs = (v.aval.shape for v in eqn.invars)
-            (lc, _), _ = eqn.params["dimension_numbers"]
-            if weight_in is None or (len(rhs) == 2 and rhs[0] == weight_in):
-                total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lc)
-            continue
-        if name == "while":
-            raise AssertionError("a while loop of unknown trip count in the sampler")
-        subs = []
-        for p in eqn.params.values():
-            for q in p if isinstance(p, (tuple, list)) else (p,):
-                if isinstance(q, jax.extend.core.ClosedJaxpr):
-                    subs.append(q.jaxpr)
-                elif isinstance(q, jax.extend.core.Jaxpr):
-                    subs.append(q)
-        counts = [_dot_flops(s, weight_in) for s in subs]
-        if name == "cond":
-            total += max(counts)  # the capture branch where a layer is scored
-        elif counts:
-            total += sum(counts) * (eqn.params["length"] if name == "scan" else 1)
-    return total
-
-
 def test_early_selection_costs_fewer_model_calls(model, conditioned, text, layout):
     """Count model invocations in the traced program: every call runs the input projection
     (in_channels → width) once per example, so its flops / (2·B·N·in·width) = model calls,
@@ -360,8 +330,8 @@ def test_early_selection_costs_fewer_model_calls(model, conditioned, text, layou
     for sel in ("random", "full", "early"):
         plan = _plan(sel, keep=m, steps=t, k=k)
         jaxpr = jax.make_jaxpr(lambda c, kn: sample(model, c, kn, text, seeds, layout, plan))(cond, known).jaxpr
-        calls[sel] = _dot_flops(jaxpr, CFG.in_channels) / per_call
-        flops[sel] = _dot_flops(jaxpr)
+        calls[sel] = matmul_flops(jaxpr, CFG.in_channels, while_loops="error") / per_call
+        flops[sel] = matmul_flops(jaxpr, while_loops="error")
     assert calls == {"random": t, "full": S * t, "early": S * k + m * (t - k)}
     assert flops["early"] < 0.5 * flops["full"]
     ideal = (S * k + m * (t - k)) / (S * t)

@@ -120,6 +120,34 @@ def test_profile_traces_exactly_the_asked_steps(tmp_path):
                 devices=jax.devices()[:1])
 
 
+def test_step_flops_are_a_forward_and_its_backward_and_every_log_row_has_the_rate(tmp_path):
+    """Full fine-tuning with remat "none" counts ~3 forwards (forward, and the backward's two
+    products per forward product; the input's own gradient is not needed); remat "full" adds the
+    blocks' forward once more. Each metrics row's TFLOP/s per device is the step count at its rate."""
+    from pico_jax.flops import matmul_flops
+    from pico_jax.model.attention import forced_attention
+    from pico_jax.trainer import make_data
+
+    counts = {}
+    for remat in ("none", "full"):
+        tr = Trainer(micro(mesh="data=1", remat=remat, steps=3), tmp_path / remat, progress=False,
+                     devices=jax.devices()[:1])
+        counts[remat] = tr.step_flops(_device_batch(tr, next(iter(make_data(tr.cfg)))))
+    model, b, c = nnx.merge(tr.graphdef, tr.trainable, tr.frozen), tr.cfg.batch_size, tr.cfg.model
+    n, t = tr.layout.num_tokens, tr.text.prompt_embeds.shape[1]
+    with forced_attention("xla"):
+        forward = matmul_flops(jax.make_jaxpr(lambda x, ctx: model(
+            x, ctx, jnp.zeros((b, c.pooled_dim)), jnp.zeros(b), jnp.asarray(tr.layout.img_ids()), jnp.zeros((t, 3)), None))(
+            jnp.zeros((b, n, c.in_channels)), jnp.zeros((b, t, c.context_dim))))
+    assert 2.8 * forward < counts["none"] < 3.0 * forward, (counts, forward)  # 2.90 here
+    assert 0.7 * forward < counts["full"] - counts["none"] < forward, (counts, forward)  # 0.86: the blocks
+    tr.run()
+    rows = _metrics(tmp_path / "full")
+    assert len(rows) == 3
+    for row in rows:
+        assert row["tflops_per_sec_per_device"] == pytest.approx(row["steps_per_sec"] * counts["full"] / 1e12, rel=1e-6)
+
+
 def test_optimizer_state_is_sharded_like_the_params_and_one_program_serves_every_step():
     """Adam's moments live where their parameters do (over 'fsdp' each device holds its share, not a
     replica), and the state leaves a step laid out as it came in, so the second step runs the first

@@ -27,7 +27,10 @@ batched, so `lax.cond` stays a real branch and unselected layers pay nothing).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import flax.struct
@@ -137,12 +140,31 @@ def empty_stats(batch: int, num_groups: int, num_tokens: int) -> tuple[jax.Array
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "headwise", "splash")
 
 
+_FORCED = contextvars.ContextVar("pico_jax_attention", default=None)
+
+
+@contextlib.contextmanager
+def forced_attention(implementation: str) -> Iterator[None]:
+    """Programs traced inside use `implementation` (one of ATTENTION_IMPLEMENTATIONS) for every
+    fused attention, whatever the backend or PICO_JAX_ATTENTION say; e.g. "xla" to count a
+    program's FLOPs in its jaxpr, where a kernel is an opaque call."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    token = _FORCED.set(implementation)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
 def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str | None = None) -> str:
-    """Which exact attention kernel to use: the PICO_JAX_ATTENTION environment variable if set
-    (xla | cudnn | headwise | splash), else by backend: cuDNN flash attention on GPU where it
+    """Which exact attention kernel to use: `forced_attention`'s inside one, else the
+    PICO_JAX_ATTENTION environment variable if set (xla | cudnn | headwise | splash), else by backend: cuDNN flash attention on GPU where it
     applies (bf16/fp16, head_dim a multiple of 8 up to 128), Pallas splash attention on TPU (head_dim
     a multiple of 128, as FLUX's), head-by-head on CPU, XLA otherwise (fp32 on GPU). num_tokens is
     part of the signature for kernels whose choice depends on it."""
+    if _FORCED.get() is not None:
+        return _FORCED.get()
     forced = os.environ.get("PICO_JAX_ATTENTION", "").strip().lower()
     if forced:
         if forced not in ATTENTION_IMPLEMENTATIONS:

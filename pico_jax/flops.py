@@ -1,0 +1,52 @@
+"""FLOPs of a traced program, counted in its jaxpr: XLA's `cost_analysis` counts a while loop's
+body once, so a scanned layer stack reads as one layer."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+
+def matmul_flops(jaxpr, weight_in: int | None = None, while_loops: str = "once") -> float:
+    """FLOPs of every dot_general and convolution in `jaxpr` (a Jaxpr or ClosedJaxpr), 2 per
+    multiply-add, each loop's body multiplied by its trip count (scan; a cond counts its dearer
+    branch). With `weight_in`, only dots whose right operand is a (weight_in, ·) matrix, which
+    counts how often a model's input projection runs, i.e. model calls. A while loop's trip count
+    is unknown: `while_loops` "once" counts its body once, "error" raises instead."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            (contracted, _), _ = eqn.params["dimension_numbers"]
+            if weight_in is None or (len(rhs) == 2 and rhs[0] == weight_in):
+                total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracted)
+            continue
+        if name == "conv_general_dilated":
+            if weight_in is None:
+                kernel = eqn.invars[1].aval.shape
+                _, rhs_spec, _ = eqn.params["dimension_numbers"]
+                per_output = kernel[rhs_spec[1]] * math.prod(kernel[d] for d in rhs_spec[2:])
+                total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+            continue
+        if name == "while" and while_loops == "error":
+            raise ValueError("a while loop of unknown trip count in the program")
+        counts = [matmul_flops(sub, weight_in, while_loops) for sub in _sub_jaxprs(eqn)]
+        if name == "cond":
+            total += max(counts)
+        elif counts:
+            total += sum(counts) * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
+def _sub_jaxprs(eqn) -> list:
+    subs = []
+    for p in eqn.params.values():
+        for q in p if isinstance(p, (tuple, list)) else (p,):
+            if isinstance(q, jax.extend.core.ClosedJaxpr):
+                subs.append(q.jaxpr)
+            elif isinstance(q, jax.extend.core.Jaxpr):
+                subs.append(q)
+    return subs
