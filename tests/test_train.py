@@ -148,6 +148,29 @@ def test_step_flops_are_a_forward_and_its_backward_and_every_log_row_has_the_rat
         assert row["tflops_per_sec_per_device"] == pytest.approx(row["steps_per_sec"] * counts["full"] / 1e12, rel=1e-6)
 
 
+def test_counting_flops_does_not_change_the_attention_the_step_runs(monkeypatch):
+    """step_flops traces the step with attention forced to XLA's; nothing of that trace may be
+    reused by the step's own trace (a cached inner trace would run XLA's attention silently), nor
+    the other way round: the CPU's head-by-head kernel runs in the real trace, before and after."""
+    from pico_jax.model import attention
+    from pico_jax.trainer import make_data
+
+    calls = []
+    real = attention.headwise_attention
+    monkeypatch.setattr(attention, "headwise_attention", lambda *a: calls.append(1) or real(*a))
+    tr = Trainer(micro(mesh="data=1"), "/tmp/unused", progress=False, devices=jax.devices()[:1])
+    batch = _device_batch(tr, next(iter(make_data(tr.cfg))))
+    args = (tr.trainable, tr.frozen, tr.conditioning, tr.opt_state, tr.ema, batch, jnp.int32(0))
+    first = tr.step_flops(batch)
+    assert not calls
+    jax.make_jaxpr(tr._step_body)(*args)
+    assert calls
+    n = len(calls)
+    assert tr.step_flops(batch) == first and len(calls) == n
+    jax.make_jaxpr(tr._step_body)(*args)
+    assert len(calls) == 2 * n
+
+
 def test_optimizer_state_is_sharded_like_the_params_and_one_program_serves_every_step():
     """Adam's moments live where their parameters do (over 'fsdp' each device holds its share, not a
     replica), and the state leaves a step laid out as it came in, so the second step runs the first
