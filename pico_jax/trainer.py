@@ -294,6 +294,7 @@ def accumulated_value_and_grad(f, params, data, micro_batches: int):
     gradients are summed in at least fp32 and come back in their parameters' dtypes."""
     if micro_batches == 1:
         return jax.value_and_grad(f)(params, *data)
+
     def interleave(x):
         return jnp.swapaxes(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
 
@@ -579,7 +580,8 @@ class Trainer:
         """Matmul and convolution FLOPs of one training step on `batch` (all devices together), counted
         in its jaxpr (`flops.matmul_flops`) with attention as XLA's two products: what the step
         computes, remat's recomputation included; a fused attention kernel's own recomputation in
-        its backward (cuDNN's, splash's) is not."""
+        its backward (cuDNN's, splash's) is not. A trace, no compile; it clears JAX's in-memory
+        caches (`attention.forced_attention`), so call it before the step compiles, as `run` does."""
         from pico_jax.flops import matmul_flops
         from pico_jax.model.attention import forced_attention
 
