@@ -20,8 +20,10 @@ Sections (--sections, comma-separated; default all; each failure is reported and
              latent tokens of the right shapes: the VAE encode/decode is NOT timed.
   lora       one LoRA training step (rank 16 on every block's attention + MLP projections, base
              frozen, AdamW, masked flow-matching MSE on the B' quarter of the tokens), Fill config
-             with remat (--remat full|dots), batch 1: median step time, the compiled program's
-             memory (XLA memory_analysis) and the device's peak memory (memory_stats; n/a on CPU).
+             with remat (--remat full|dots), batch 1: median step time, TFLOP/s and the fraction
+             of the matmul rate (the step's FLOPs counted in its jaxpr, pico_jax.flops, with
+             remat's recomputation), the compiled program's memory (XLA memory_analysis) and the
+             device's peak memory (memory_stats; n/a on CPU).
 
 On a GPU session. First, here (pure-Python wheel; `.whl/` is git-ignored, so it must be carried):
 
@@ -86,6 +88,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench_forward import forward_flops  # noqa: E402
+from pico_jax.flops import matmul_flops  # noqa: E402
+from pico_jax.model.attention import forced_attention  # noqa: E402
 from pico_jax.model.flux import FluxConfig, FluxTransformer, abstract_model, count_params  # noqa: E402
 
 SECTIONS = ("matmul", "forward", "diffusers", "sample", "lora")
@@ -581,8 +585,13 @@ def section_lora(bench: Bench) -> None:
     state = [lora, tx.init(lora)]
     del lora
     batch = lora_batch(cfg, args, bench.dtype)
+    step_fn = make_lora_step(graphdef, tx, cfg.guidance_embeds)
+    # Counted before the compile: forced_attention clears JAX's caches, and the count traces the
+    # attention as XLA's two products (the kernel's backward recomputation is not counted).
+    with forced_attention("xla"):
+        step_flops = matmul_flops(jax.make_jaxpr(step_fn)(state[0], state[1], base, batch))
     t0 = time.perf_counter()
-    compiled = make_lora_step(graphdef, tx, cfg.guidance_embeds).lower(state[0], state[1], base, batch).compile()
+    compiled = step_fn.lower(state[0], state[1], base, batch).compile()
     compile_s = time.perf_counter() - t0
     losses = []
 
@@ -592,10 +601,15 @@ def section_lora(bench: Bench) -> None:
 
     first, runs = measure(run, args.repeat)
     med = bench.results["lora_s"] = statistics.median(runs)
+    rate_jax, rate_torch = matmul_rates(bench)
+    peak = max(rate_jax, rate_torch or 0.0)
+    bench.results.update(lora_tflop=step_flops / 1e12, lora_fraction=step_flops / med / peak)
     print(f"lora: {med * 1e3:.1f} ms per step (median of {args.repeat}; runs {fmt_runs(runs)}), remat={cfg.remat}, "
           f"rank {args.rank} on {len(paths)} projections of every block ({count_params(state[0]) / 1e6:.2f} M "
           f"trainable, fp32), batch 1, {args.tokens**2}+{args.text} tokens, loss {float(losses[-1]):.3f}; "
           f"compile {compile_s:.1f} s, first step {first * 1e3:.0f} ms", flush=True)
+    print(f"lora rate: {step_flops / 1e12:.4g} TFLOP per step (jaxpr count, remat's recomputation included), "
+          f"{step_flops / med / 1e12:.4g} TFLOP/s = {step_flops / med / peak:.1%} of the measured matmul rate", flush=True)
     others = [s for s in bench.ran if s != "lora"]
     note = f" (process peak: includes {', '.join(others)}; run --sections lora alone)" if others else ""
     bench.results["lora_memory"] = memory_line()
@@ -660,7 +674,9 @@ def summary(bench: Bench, incomplete: list[str] | None = None) -> None:
         print(f"summary: best-of-{bench.args.seeds} early / one = {e:.2f} (target <= {TARGET_EARLY_OVER_ONE:.0f}): "
               f"{verdict(e <= TARGET_EARLY_OVER_ONE)}")
     if "lora_s" in r:
-        print(f"summary: LoRA step (remat={bench.args.remat}) {r['lora_s'] * 1e3:.1f} ms; {r['lora_memory']}")
+        rate = (f", {r['lora_tflop'] / r['lora_s']:.4g} TFLOP/s = {r['lora_fraction']:.1%} of the matmul rate"
+                if "lora_fraction" in r else "")
+        print(f"summary: LoRA step (remat={bench.args.remat}) {r['lora_s'] * 1e3:.1f} ms{rate}; {r['lora_memory']}")
     if incomplete is None:
         incomplete = [s for s in bench.args.sections if s not in bench.ran]
     if incomplete:

@@ -70,6 +70,7 @@ def test_bench_gpu_flux_toy_runs_every_section():
     assert _number(rf"^sample: early/one = {NUMBER}", out) > 0
 
     assert _number(rf"^lora: {NUMBER} ms per step", out) > 0
+    assert _number(rf"^lora rate: {NUMBER} TFLOP per step", out) > 0
     assert re.search(r"^lora memory: device peak memory (n/a|[0-9.]+ GiB)", out, re.MULTILINE)
 
     assert re.search(r"^summary: forward .* \(target >= 55%\): (MET|NOT MET)", out, re.MULTILINE)
