@@ -84,6 +84,7 @@ def main(argv=None):
     import jax.numpy as jnp
     from flax import nnx
 
+    from pico_jax.flops import program_flops
     from pico_jax.model.flux import FluxConfig, abstract_model, count_params
     from pico_jax.model.lora import add_lora
     from pico_jax.parallel import batch_sharding, collective_bytes, make_mesh, on_mesh, replicated, state_shardings
@@ -149,7 +150,7 @@ def main(argv=None):
     target_note = " (target: < 60 s)" if args.step == "forward" else ""
     print(f"  abstract model {t_trace:.1f} s, lower {t_lower:.1f} s, compile {t_compile:.1f} s{target_note}")
     print(f"  per device: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB")
-    flops = _program_flops(unmeshed, operands)
+    flops = program_flops(unmeshed, *operands)
     print(f"  matmul + conv FLOPs per call (jaxpr count, attention as XLA's products): {flops / 1e12:,.1f} TFLOP, "
           f"{flops / mesh.size / 1e12:,.1f} per device")
     moved = collective_bytes(compiled.as_text())
@@ -157,17 +158,6 @@ def main(argv=None):
     parts = ", ".join(f"{kind} {n / 2**30:.2f} GiB" for kind, n in sorted(moved.items()) if n) or "none"
     print(f"  collectives per device per call (result bytes; XLA's plan{', no fsdp gather' if args.no_gather else ''}): "
           f"{parts}" + (f" ({unknown} loop(s) of unknown trip count counted once)" if unknown else ""))
-
-
-def _program_flops(fn, operands) -> float:
-    """`flops.matmul_flops` of `fn`'s program, traced with attention as XLA's two products."""
-    import jax
-
-    from pico_jax.flops import matmul_flops
-    from pico_jax.model.attention import forced_attention
-
-    with forced_attention("xla"):
-        return matmul_flops(jax.make_jaxpr(fn)(*operands))
 
 
 def _lower_for_platform(args, fn, operands, mesh, what, n_params, cfg) -> None:

@@ -88,8 +88,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench_forward import forward_flops  # noqa: E402
-from pico_jax.flops import matmul_flops  # noqa: E402
-from pico_jax.model.attention import forced_attention  # noqa: E402
+from pico_jax.flops import program_flops  # noqa: E402
 from pico_jax.model.flux import FluxConfig, FluxTransformer, abstract_model, count_params  # noqa: E402
 
 SECTIONS = ("matmul", "forward", "diffusers", "sample", "lora")
@@ -586,10 +585,9 @@ def section_lora(bench: Bench) -> None:
     del lora
     batch = lora_batch(cfg, args, bench.dtype)
     step_fn = make_lora_step(graphdef, tx, cfg.guidance_embeds)
-    # Counted before the compile: forced_attention clears JAX's caches, and the count traces the
-    # attention as XLA's two products (the kernel's backward recomputation is not counted).
-    with forced_attention("xla"):
-        step_flops = matmul_flops(jax.make_jaxpr(step_fn)(state[0], state[1], base, batch))
+    # Counted before the compile (the count clears JAX's caches); attention counts as XLA's two
+    # products, so the kernel's backward recomputation is not counted.
+    step_flops = program_flops(step_fn, state[0], state[1], base, batch)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state[0], state[1], base, batch).compile()
     compile_s = time.perf_counter() - t0

@@ -23,6 +23,17 @@ def matmul_flops(jaxpr, weight_in: int | None = None, while_loops: str = "once")
     return _count(jaxpr, weight_in, while_loops)
 
 
+def program_flops(fn, *args) -> float:
+    """`matmul_flops` of `fn(*args)`'s program (`args` may be ShapeDtypeStructs), traced with every
+    fused attention as XLA's two products (`attention.forced_attention`), so that a cuDNN or
+    splash kernel counts as what it computes rather than as an opaque call. Tracing only; it
+    clears JAX's in-memory caches (see `forced_attention`), so count before compiling."""
+    from pico_jax.model.attention import forced_attention
+
+    with forced_attention("xla"):
+        return matmul_flops(jax.make_jaxpr(fn)(*args))
+
+
 def _count(jaxpr, weight_in: int | None, while_loops: str) -> float:
     total = 0.0
     for eqn in jaxpr.eqns:

@@ -88,12 +88,12 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0: only at the end
+    sample_steps: int = 12
     # A jax.profiler trace of steps [profile_start_step, + profile_steps) into DIR/profile
     # (TensorBoard's profile plugin, Perfetto or XProf read it); -1: none. Start after the first
     # step, which compiles.
     profile_start_step: int = -1
     profile_steps: int = 3
-    sample_steps: int = 12
     # The sampling defaults written into an exported checkpoint's pico.json: SamplingPlan fields
     # over (steps=sample_steps, mu=0), "scorer" a dict of ScorerConfig fields; e.g.
     # {"steps": 12, "scorer": {"signal": "consensus"}}. Checked when the Trainer is built.
@@ -275,14 +275,14 @@ def loss_fn(model: FluxTransformer, ae, text: TextConditioning, layout: CanvasLa
     return flow_loss(layout.velocity(pred, xt, t, known), x0, noise, jnp.asarray(layout.bprime_tokens()))
 
 
-def draw_noise(ae, batch: dict, key, mu: float, kind: str) -> tuple[jax.Array, jax.Array]:
+def draw_noise(ae, layout: CanvasLayout, batch_size: int, key, mu: float, kind: str) -> tuple[jax.Array, jax.Array]:
     """The step's random draws for the whole batch: timesteps (B,) and fp32 noise shaped as the
-    canvases' latent tokens. Drawn once per step, before any split into micro-batches, so that
-    accumulating gradients over micro-batches sees the same draws as one big batch."""
-    canvas = jax.eval_shape(lambda b: canvas_from_batch(b).astype(jnp.float32), batch)
-    tokens = jax.eval_shape(lambda c: encode_tokens(ae, c), canvas)
+    canvases' packed latent tokens (B, N, 4·C). Drawn once per step, before any split into
+    micro-batches, so that accumulating gradients over micro-batches sees the same draws as one
+    big batch."""
     k_t, k_n = jax.random.split(key)
-    return sample_timesteps(k_t, canvas.shape[0], kind=kind, mu=mu), jax.random.normal(k_n, tokens.shape, jnp.float32)
+    noise = jax.random.normal(k_n, (batch_size, layout.num_tokens, 4 * ae.latent_channels), jnp.float32)
+    return sample_timesteps(k_t, batch_size, kind=kind, mu=mu), noise
 
 
 def accumulated_value_and_grad(f, params, data, micro_batches: int):
@@ -323,7 +323,7 @@ def make_train_step(graphdef, ae_graphdef, layout, cfg: TrainConfig, tx, schedul
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         ae_state, text = conditioning
         ae = nnx.merge(ae_graphdef, ae_state)
-        t, noise = draw_noise(ae, batch, key, mu, cfg.timestep_sampling)
+        t, noise = draw_noise(ae, layout, batch["A"].shape[0], key, mu, cfg.timestep_sampling)
 
         def loss_of(trainable, batch, t, noise):
             model = nnx.merge(graphdef, trainable, frozen)
@@ -581,14 +581,11 @@ class Trainer:
         in its jaxpr (`flops.matmul_flops`) with attention as XLA's two products: what the step
         computes, remat's recomputation included; a fused attention kernel's own recomputation in
         its backward (cuDNN's, splash's) is not. A trace, no compile; it clears JAX's in-memory
-        caches (`attention.forced_attention`), so call it before the step compiles, as `run` does."""
-        from pico_jax.flops import matmul_flops
-        from pico_jax.model.attention import forced_attention
+        caches (`flops.program_flops`), so call it before the step compiles, as `run` does."""
+        from pico_jax.flops import program_flops
 
-        with forced_attention("xla"):
-            jaxpr = jax.make_jaxpr(self._step_body)(self.trainable, self.frozen, self.conditioning, self.opt_state,
-                                                    self.ema, batch, jnp.int32(self.step))
-        return matmul_flops(jaxpr)
+        return program_flops(self._step_body, self.trainable, self.frozen, self.conditioning, self.opt_state,
+                             self.ema, batch, jnp.int32(self.step))
 
     def run(self) -> dict:
         from tqdm import tqdm

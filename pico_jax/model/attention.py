@@ -164,7 +164,8 @@ def forced_attention(implementation: str) -> Iterator[None]:
 
 def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str | None = None) -> str:
     """Which exact attention kernel to use: `forced_attention`'s inside one, else the
-    PICO_JAX_ATTENTION environment variable if set (xla | cudnn | headwise | splash), else by backend: cuDNN flash attention on GPU where it
+    PICO_JAX_ATTENTION environment variable if set (xla | cudnn | headwise | splash), else by
+    backend: cuDNN flash attention on GPU where it
     applies (bf16/fp16, head_dim a multiple of 8 up to 128), Pallas splash attention on TPU (head_dim
     a multiple of 128, as FLUX's), head-by-head on CPU, XLA otherwise (fp32 on GPU). num_tokens is
     part of the signature for kernels whose choice depends on it."""
