@@ -66,6 +66,10 @@ def main(argv=None):
     ap.add_argument("--score-steps", type=int, default=4, help="scored early steps for --step sample (default 4)")
     ap.add_argument("--seed-batch", type=int, default=None,
                     help="seeds run together for --step sample (default: all, the GPU/TPU program)")
+    ap.add_argument("--gather-weights", choices=("per_layer", "per_call"), default="per_layer",
+                    help="for --step sample over 'fsdp': each layer's weights gathered at every model call "
+                         "(per_layer, the default) or the whole model once per call (per_call), as "
+                         "Pipeline(gather_weights=...)")
     ap.add_argument("--no-gather", action="store_true",
                     help="trace without the context mesh, so the layers do not gather their weights over 'fsdp': "
                          "the plan XLA's partitioner picks alone (what every program had before the seventeenth "
@@ -192,7 +196,7 @@ def _sampler(args, cfg, abstract, mesh):
     from flax import nnx
 
     from pico_jax.model.flux import count_params
-    from pico_jax.parallel import batch_sharding, replicated, state_shardings
+    from pico_jax.parallel import batch_sharding, fsdp_gather_model, replicated, state_shardings
     from pico_jax.pipeline import CanvasLayout, SamplingPlan, TextConditioning, sample
     from pico_jax.scorer import ScorerConfig
 
@@ -209,6 +213,8 @@ def _sampler(args, cfg, abstract, mesh):
     bs = lambda nd: batch_sharding(mesh, nd)
 
     def run(state, cond, known, text, seeds):
+        if args.gather_weights == "per_call":
+            state = fsdp_gather_model(state, getattr(jnp, args.dtype))
         return sample(nnx.merge(graphdef, state), cond, known, text, seeds, layout, plan)
 
     text = TextConditioning(S((1, args.text, cfg.context_dim), getattr(jnp, args.dtype)), S((1, cfg.pooled_dim), getattr(jnp, args.dtype)))
@@ -218,7 +224,7 @@ def _sampler(args, cfg, abstract, mesh):
     operands = (state, S((B, N, cfg.in_channels - c_lat), getattr(jnp, args.dtype)), S((B, N, c_lat), getattr(jnp, args.dtype)), text,
                 S((args.seeds,), jnp.uint32))
     what = (f"PICO sampler ({plan.steps} steps, {plan.seeds} seeds scored over {plan.scorer.steps} and the best "
-            f"finished, {plan.seed_batch} at a time)")
+            f"finished, {plan.seed_batch} at a time; weights gathered {args.gather_weights.replace('_', ' ')})")
     return fn, operands, what, count_params(state)
 
 

@@ -120,14 +120,18 @@ def checkpoint_fingerprint(path: str | os.PathLike | None = None) -> str:
 
 
 def load_pico(
-    path: str | os.PathLike | None = None, dtype: Any = None, batch_size: int = 4, mesh: Any = None, **plan_overrides
+    path: str | os.PathLike | None = None, dtype: Any = None, batch_size: int = 4, mesh: Any = None,
+    gather_weights: str = "per_layer", **plan_overrides
 ):
     """Load a pico checkpoint directory into a Pipeline (None: the bundled pico-tiny).
 
     mesh: a `jax.sharding.Mesh` (`pico_jax.parallel.make_mesh`) to run on several devices; the
-    transformer's parameters go straight onto their shards as they are read."""
+    transformer's parameters go straight onto their shards as they are read.
+    gather_weights: over 'fsdp', "per_layer" or "per_call" (`Pipeline`)."""
     from pico_jax.convert import load_flux_transformer
-    from pico_jax.pipeline import Pipeline
+    from pico_jax.pipeline import Pipeline, check_gather_weights
+
+    check_gather_weights(gather_weights)  # a bad argument, not a bad checkpoint: before anything is read
 
     root = Path(path) if path is not None else bundled_checkpoint()
     meta_path = root / "pico.json"
@@ -175,7 +179,8 @@ def load_pico(
         ae = build_autoencoder(meta["autoencoder"], root, dtype)
         text = _text(meta.get("text", {"kind": "zeros"}), root, transformer.config)
         return Pipeline(transformer, ae, text, panel=panel, policy=meta.get("policy", "pad"),
-                        plan=plan, batch_size=batch_size, query_hint=query_hint, prediction=prediction, mesh=mesh)
+                        plan=plan, batch_size=batch_size, query_hint=query_hint, prediction=prediction, mesh=mesh,
+                        gather_weights=gather_weights)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as e:  # e.g. autoencoder without 'factor', channel mismatch

@@ -56,7 +56,7 @@ import numpy as np
 from scipy import ndimage as _ndi
 
 from pico_jax.compile_cache import HELP as COMPILE_CACHE_HELP, enable_compile_cache
-from pico_jax.infer import MESH_FLAG_HELP
+from pico_jax.infer import GATHER_WEIGHTS_CHOICES, GATHER_WEIGHTS_FLAG_HELP, MESH_FLAG_HELP
 
 __all__ = [
     "METHODS",
@@ -787,6 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--batch-size", type=int, default=4, help="episodes per compiled batch (default 4)")
     p.add_argument("--mesh", metavar="SPEC", help=MESH_FLAG_HELP)
+    p.add_argument("--gather-weights", choices=GATHER_WEIGHTS_CHOICES, default="per_layer", help=GATHER_WEIGHTS_FLAG_HELP)
     p.add_argument("--sample-seed", type=int, default=0, help="first diffusion seed (default 0)")
     p.add_argument("--episode-offset", type=int, default=0, help="first evaluation-seed index (default 0)")
     p.add_argument("--sheet-episodes", type=int, default=3, help="episodes per family on the picture sheet (default 3)")
@@ -840,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except MeshError as e:
             return fail(str(e))
     try:
-        pipe = load_pico(args.checkpoint, batch_size=args.batch_size, mesh=mesh)
+        pipe = load_pico(args.checkpoint, batch_size=args.batch_size, mesh=mesh, gather_weights=args.gather_weights)
     except CheckpointError as e:
         return fail(str(e))
     if args.scorer:

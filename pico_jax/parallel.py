@@ -328,6 +328,16 @@ def fsdp_gather_layer(layer_state, compute_dtype=None):
     return nnx.from_flat_state(leaves)
 
 
+def fsdp_gather_model(state, compute_dtype=None):
+    """A whole model's parameters (its scanned stacks' too: their names say they are stacked)
+    gathered over 'fsdp' at once, as `fsdp_gather_layer` gathers one layer's; unchanged without
+    a context mesh with 'fsdp'. For a sampler's program (`Pipeline(gather_weights="per_call")`):
+    gathered before its loop, the weights are loop constants, so its 28 or more model calls
+    gather nothing more, where each call's layers would otherwise gather theirs again; the
+    price is the whole model (in `compute_dtype`) on every device while the program runs."""
+    return fsdp_gather_layer(state, compute_dtype)
+
+
 def _cast_and_gather(gathered: P, narrow, value: jax.Array) -> jax.Array:
     """`value` gathered to the layout `gathered`, cast to `narrow` first if given. The barrier
     keeps XLA from moving the gather back above the cast (it did: 86 % fp32 bytes)."""

@@ -42,7 +42,8 @@ from pico_jax.backend import target_backend
 from pico_jax.flow import PREDICTIONS, euler_sample, flux_mu, flux_schedule, velocity_from_output
 from pico_jax.model.attention import AttentionHooks
 from pico_jax.model.flux import FluxTransformer
-from pico_jax.parallel import batch_sharding, check_batch_size, global_array, on_mesh, replicate, replicated, shard_module
+from pico_jax.parallel import (batch_sharding, check_batch_size, fsdp_gather_model, global_array, on_mesh, replicate,
+                               replicated, shard_module)
 from pico_jax.scorer import ScorerConfig, choose, consensus_scores, score_from_group_mass
 
 
@@ -371,6 +372,16 @@ class Result:
     candidate_seeds: list[int] = dataclasses.field(default_factory=list)  # the seed of each candidate
 
 
+GATHER_WEIGHTS = ("per_layer", "per_call")  # also pico_jax.infer.GATHER_WEIGHTS_CHOICES, for a --help without jax
+
+
+def check_gather_weights(value: str) -> str:
+    """`value` if it is one of GATHER_WEIGHTS (`Pipeline`'s `gather_weights`), else a ValueError naming it."""
+    if value not in GATHER_WEIGHTS:
+        raise ValueError(f"gather_weights {value!r}: one of {', '.join(GATHER_WEIGHTS)}")
+    return value
+
+
 class Pipeline:
     """PICO inference: `Pipeline.load(path)(exemplar, exemplar_out, queries)`.
 
@@ -381,6 +392,12 @@ class Pipeline:
     rules as training (FSDP over 'fsdp', so FLUX.1-dev need not fit on one device; 'tensor' works
     too but reshards the fused projections, README "What is not done yet") and each batch of
     queries is split over 'data' x 'fsdp'; the results are the same as on one device.
+
+    `gather_weights` says when a mesh with 'fsdp' gathers the weights: "per_layer" (default)
+    gathers each layer's just before it runs, at every model call of a sample (FLUX.1-dev on
+    data=2,fsdp=4: 623 GiB of all-gather per device per 28-step call), so no device holds more
+    than a layer of them; "per_call" gathers the whole model once per call (22 GiB there) and
+    holds it, in the compute dtype, on every device while the call runs: for when it fits.
     """
 
     def __init__(
@@ -395,7 +412,9 @@ class Pipeline:
         query_hint: bool = False,
         prediction: str = "velocity",
         mesh: Mesh | None = None,
+        gather_weights: str = "per_layer",
     ):
+        self.gather_weights = check_gather_weights(gather_weights)
         if mesh is not None:
             check_batch_size(batch_size, mesh, "batch_size")  # a MeshError, which is a ValueError
             transformer, autoencoder, text = _place_on_mesh(transformer, autoencoder, text, mesh)
@@ -445,8 +464,11 @@ class Pipeline:
         key = plan
         if key not in self._compiled:
             graphdef, ae_graphdef, layout = self._graphdef, self._ae_graphdef, self.layout
+            gather_once, compute_dtype = self.gather_weights == "per_call", self.transformer.dtype
 
             def run(state, ae_state, canvas, text, seeds):
+                if gather_once:  # before the sampler's loops: each layer's own gather is then a no-op
+                    state = fsdp_gather_model(state, compute_dtype)
                 model, ae = nnx.merge(graphdef, state), nnx.merge(ae_graphdef, ae_state)
                 cond, known = fill_condition(ae, canvas, layout)
                 s = sample(model, cond.astype(model.dtype), known.astype(model.dtype), text, seeds, layout, plan)

@@ -301,21 +301,24 @@ def test_consensus_scorer_flag(tmp_path, imgs, checkpoint, capsys):
 
 def test_mesh_flag_paints_what_one_device_paints(tmp_path, imgs, checkpoint, capsys):
     """--mesh data=2,fsdp=2,tensor=2 --batch-size 4: two queries (padded to four), one per data x fsdp
-    device, one head per tensor device; the same PNGs and seeds as one device at batch size 2."""
+    device, one head per tensor device; the same PNGs and seeds as one device at batch size 2, with
+    the weights gathered per layer (the default) or once per batch (--gather-weights per_call)."""
     runs = {}
-    for name, extra in (("one", ["--batch-size", "2"]), ("mesh", ["--mesh", "data=2,fsdp=2,tensor=2", "--batch-size", "4"])):
+    mesh = ["--mesh", "data=2,fsdp=2,tensor=2", "--batch-size", "4"]
+    for name, extra in (("one", ["--batch-size", "2"]), ("mesh", mesh), ("per_call", [*mesh, "--gather-weights", "per_call"])):
         out = tmp_path / name
         rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
                    "--query", imgs["b2"], "--out", str(out), "--no-progress", *extra])
         assert rc == 0, capsys.readouterr().err
         runs[name] = out
-    assert _files(runs["one"]) == _files(runs["mesh"])
-    for f in _files(runs["one"]):
-        if f.endswith(".png"):
-            a, b = (np.asarray(Image.open(runs[k] / f), np.int16) for k in ("one", "mesh"))
-            assert np.abs(a - b).max() <= 1, f  # float results equal to ~1e-6; 8-bit rounding may differ by one
-    one, mesh = (json.loads((runs[k] / "scores.json").read_text())["queries"] for k in ("one", "mesh"))
-    assert {k: v["chosen_seed"] for k, v in one.items()} == {k: v["chosen_seed"] for k, v in mesh.items()}
+    chosen = lambda k: {q: v["chosen_seed"] for q, v in json.loads((runs[k] / "scores.json").read_text())["queries"].items()}
+    for other in ("mesh", "per_call"):
+        assert _files(runs["one"]) == _files(runs[other])
+        for f in _files(runs["one"]):
+            if f.endswith(".png"):
+                a, b = (np.asarray(Image.open(runs[k] / f), np.int16) for k in ("one", other))
+                assert np.abs(a - b).max() <= 1, (other, f)  # float results equal to ~1e-6; 8-bit rounding may differ by one
+        assert chosen("one") == chosen(other)
 
 
 def test_mesh_run_writes_only_from_the_first_process(tmp_path, imgs, checkpoint, monkeypatch, capsys):

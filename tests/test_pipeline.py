@@ -222,6 +222,52 @@ def test_pipeline_on_a_mesh_matches_one_device(spec, batch, model, ae, text, pip
         assert g.chosen_seed == w.chosen_seed and g.candidate_seeds == w.candidate_seeds
 
 
+def _all_gather_bytes(pipeline: Pipeline) -> int:
+    """The all-gather bytes per device of `pipeline`'s compiled sampling program (loops by trip count)."""
+    from pico_jax.parallel import collective_bytes
+
+    batch = np.zeros((pipeline.batch_size, 2 * PANEL, 2 * PANEL, 3), np.float32)
+    seeds = np.arange(pipeline.plan.seeds, dtype=np.uint32)
+    lowered = pipeline._fn(pipeline.plan).lower(pipeline._state, pipeline._ae_state, *pipeline._inputs(batch, seeds))
+    return collective_bytes(lowered.compile().as_text())["all-gather"]
+
+
+def test_weights_gathered_once_per_call_give_the_same_samples_and_gather_a_model_call_s_worth(ae, text):
+    """gather_weights="per_call" on data=2,fsdp=4: the images, scores and seeds of one device, and
+    the program gathers about the model's weights once, where per_layer gathers them again at each
+    of the sampler's model calls (here 4 seeds x 2 scored steps one seed at a time, then 2 finishing).
+    Two layers a stack: with one, XLA hoists the layer's gathers out of the sampler's loops itself."""
+    from pico_jax.parallel import make_mesh
+
+    model = FluxTransformer(dataclasses.replace(CFG, num_double=2, num_single=2), rngs=nnx.Rngs(1))
+    pipe = Pipeline(model, ae, text, panel=PANEL, plan=_plan("early", keep=2), batch_size=2)
+    mesh = make_mesh("data=2,fsdp=4")
+    once = Pipeline(model, ae, text, panel=PANEL, plan=pipe.plan, batch_size=8, mesh=mesh, gather_weights="per_call")
+    a, a_out, *queries = _images(5, seed=2)
+    for w, g in zip(pipe(a, a_out, queries, seed=7), once(a, a_out, queries, seed=7)):
+        np.testing.assert_allclose(g.image, w.image, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-6)
+        assert g.chosen_seed == w.chosen_seed and g.candidate_seeds == w.candidate_seeds
+    per_layer = Pipeline(model, ae, text, panel=PANEL, plan=pipe.plan, batch_size=8, mesh=mesh)
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    outputs = pipe.plan.keep * 8 * (2 * PANEL) ** 2 * 3 * 4  # the kept canvases, gathered to every device
+    gathered_once, gathered_per_layer = _all_gather_bytes(once), _all_gather_bytes(per_layer)
+    assert 0.5 * weights < gathered_once - outputs <= weights, (gathered_once, weights)
+    assert gathered_per_layer - outputs > 8 * weights, (gathered_per_layer, weights)
+
+
+def test_gather_weights_must_be_a_known_choice(model, ae, text):
+    from pico_jax.infer import GATHER_WEIGHTS_CHOICES
+    from pico_jax.pipeline import GATHER_WEIGHTS
+
+    assert GATHER_WEIGHTS_CHOICES == GATHER_WEIGHTS  # the CLIs' copy, kept so that --help needs no jax
+    with pytest.raises(ValueError, match=r"gather_weights 'once': one of per_layer, per_call"):
+        Pipeline(model, ae, text, panel=PANEL, gather_weights="once")
+    with pytest.raises(ValueError, match=r"gather_weights 'once'") as e:
+        Pipeline.load(gather_weights="once")
+    assert not isinstance(e.value, CheckpointError)  # an argument, not a bad checkpoint
+
+
 def test_pipeline_mesh_needs_a_batch_its_data_devices_divide(model, ae, text):
     from pico_jax.parallel import make_mesh
 
