@@ -375,10 +375,10 @@ class Result:
 GATHER_WEIGHTS = ("per_layer", "per_call")  # also pico_jax.infer.GATHER_WEIGHTS_CHOICES, for a --help without jax
 
 
-def check_gather_weights(value: str) -> str:
-    """`value` if it is one of GATHER_WEIGHTS (`Pipeline`'s `gather_weights`), else a ValueError naming it."""
+def check_gather_weights(value: str, name: str = "gather_weights") -> str:
+    """`value` if it is one of GATHER_WEIGHTS (`Pipeline`'s `gather_weights`), else a ValueError naming `name`."""
     if value not in GATHER_WEIGHTS:
-        raise ValueError(f"gather_weights {value!r}: one of {', '.join(GATHER_WEIGHTS)}")
+        raise ValueError(f"{name} {value!r}: one of {', '.join(GATHER_WEIGHTS)}")
     return value
 
 

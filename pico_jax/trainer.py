@@ -32,6 +32,7 @@ from pico_jax.pipeline import (
     CanvasLayout,
     SamplingPlan,
     TextConditioning,
+    check_gather_weights,
     encode_tokens,
     fill_condition,
     fill_in_channels,
@@ -89,6 +90,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0: only at the end
     sample_steps: int = 12
+    # Over 'fsdp', when the sample sheets' sampler gathers the weights (Pipeline's gather_weights):
+    # "per_layer" at every model call, or "per_call", the whole model once per sheet.
+    sample_gather_weights: str = "per_layer"
     # A jax.profiler trace of steps [profile_start_step, + profile_steps) into DIR/profile
     # (TensorBoard's profile plugin, Perfetto or XProf read it); -1: none. Start after the first
     # step, which compiles.
@@ -423,6 +427,7 @@ class Trainer:
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if cfg.batch_size % dp:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")
+        check_gather_weights(cfg.sample_gather_weights, "sample_gather_weights")
         if cfg.profile_steps < 1:
             raise ValueError(f"profile_steps must be >= 1 (got {cfg.profile_steps})")
         if cfg.grad_accum_steps < 1 or cfg.batch_size % (cfg.grad_accum_steps * dp):
@@ -553,7 +558,8 @@ class Trainer:
         dp = data_parallel_size(self.mesh)
         return Pipeline(self.model(use_ema), self.ae, self.text, self.cfg.panel, batch_size=-(-batch_size // dp) * dp,
                         plan=plan or SamplingPlan(steps=self.cfg.sample_steps, mu=0.0),
-                        query_hint=self.cfg.query_hint, prediction=self.cfg.prediction, mesh=self.mesh)
+                        query_hint=self.cfg.query_hint, prediction=self.cfg.prediction, mesh=self.mesh,
+                        gather_weights=self.cfg.sample_gather_weights)
 
     # --- samples ---------------------------------------------------------------------------
     def save_samples(self, batch: dict, path: Path, n: int = 4):

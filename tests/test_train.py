@@ -373,6 +373,12 @@ def test_trainer_pipeline_runs_on_the_training_mesh():
     for w, g in zip(alone(a, a_out, queries), on_mesh(a, a_out, queries)):
         np.testing.assert_allclose(g.image, w.image, rtol=1e-5, atol=1e-5)
         assert g.chosen_seed == w.chosen_seed
+    # The whole model gathered once per sheet instead of at every model call: the same images.
+    tr.cfg = dataclasses.replace(tr.cfg, sample_gather_weights="per_call")
+    once = tr.pipeline(plan, batch_size=3)
+    assert once.gather_weights == "per_call"
+    for w, g in zip(alone(a, a_out, queries), once(a, a_out, queries)):
+        np.testing.assert_allclose(g.image, w.image, rtol=1e-5, atol=1e-5)
 
 
 def test_resume_is_exact(tmp_path):
@@ -467,6 +473,8 @@ def test_overrides_and_errors():
         apply_overrides(micro(), {"lr": "fast"})
     with pytest.raises(ValueError, match="divisible by data×fsdp"):
         Trainer(micro(mesh="data=8", batch_size=4), "/tmp/unused", progress=False)
+    with pytest.raises(ValueError, match="sample_gather_weights 'once': one of per_layer, per_call"):
+        Trainer(micro(sample_gather_weights="once"), "/tmp/unused", progress=False)
     with pytest.raises(ValueError, match="export_sampling: unknown key 'step'"):
         Trainer(micro(export_sampling={"step": 12}), "/tmp/unused", progress=False)
     with pytest.raises(ValueError, match="export_sampling.scorer: unknown key 'signl'"):
