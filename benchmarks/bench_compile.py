@@ -91,7 +91,8 @@ def main(argv=None):
     from pico_jax.flops import program_flops
     from pico_jax.model.flux import FluxConfig, abstract_model, count_params
     from pico_jax.model.lora import add_lora
-    from pico_jax.parallel import batch_sharding, collective_bytes, make_mesh, on_mesh, replicated, state_shardings
+    from pico_jax.parallel import (MeshError, batch_sharding, check_batch_size, collective_bytes, make_mesh, on_mesh,
+                                   replicated, state_shardings)
 
     t0 = time.perf_counter()
     if args.step in ("sample", "train"):
@@ -104,6 +105,10 @@ def main(argv=None):
         add_lora(abstract, args.rank)  # on an abstract model the factors are ShapeDtypeStructs too
     t_trace = time.perf_counter() - t0
     mesh = make_mesh(args.mesh)
+    try:
+        check_batch_size(args.batch, mesh, "--batch")
+    except MeshError as e:
+        raise SystemExit(f"bench_compile.py: error: {e}") from None
     S = jax.ShapeDtypeStruct
     B, N, T = args.batch, args.tokens, args.text
     inputs = (S((B, N, cfg.in_channels), dtype), S((B, T, cfg.context_dim), dtype),
@@ -157,6 +162,9 @@ def main(argv=None):
     flops = program_flops(unmeshed, *operands)
     print(f"  matmul + conv FLOPs per call (jaxpr count, attention as XLA's products): {flops / 1e12:,.1f} TFLOP, "
           f"{flops / mesh.size / 1e12:,.1f} per device")
+    if args.step in ("lora", "train") and cfg.remat != "none":
+        model_flops = program_flops(unmeshed, *operands, recompute=False)
+        print(f"  of which the model's (without remat's recomputation; MFU's numerator): {model_flops / 1e12:,.1f} TFLOP")
     moved = collective_bytes(compiled.as_text())
     unknown = moved.pop("loops of unknown trip count", 0)
     parts = ", ".join(f"{kind} {n / 2**30:.2f} GiB" for kind, n in sorted(moved.items()) if n) or "none"

@@ -588,6 +588,7 @@ def section_lora(bench: Bench) -> None:
     # Counted before the compile (the count clears JAX's caches); attention counts as XLA's two
     # products, so the kernel's backward recomputation is not counted.
     step_flops = program_flops(step_fn, state[0], state[1], base, batch)
+    model_flops = program_flops(step_fn, state[0], state[1], base, batch, recompute=False)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state[0], state[1], base, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -601,13 +602,16 @@ def section_lora(bench: Bench) -> None:
     med = bench.results["lora_s"] = statistics.median(runs)
     rate_jax, rate_torch = matmul_rates(bench)
     peak = max(rate_jax, rate_torch or 0.0)
-    bench.results.update(lora_tflop=step_flops / 1e12, lora_fraction=step_flops / med / peak)
+    bench.results.update(lora_tflop=step_flops / 1e12, lora_fraction=step_flops / med / peak,
+                         lora_model_tflop=model_flops / 1e12, lora_model_fraction=model_flops / med / peak)
     print(f"lora: {med * 1e3:.1f} ms per step (median of {args.repeat}; runs {fmt_runs(runs)}), remat={cfg.remat}, "
           f"rank {args.rank} on {len(paths)} projections of every block ({count_params(state[0]) / 1e6:.2f} M "
           f"trainable, fp32), batch 1, {args.tokens**2}+{args.text} tokens, loss {float(losses[-1]):.3f}; "
           f"compile {compile_s:.1f} s, first step {first * 1e3:.0f} ms", flush=True)
     print(f"lora rate: {step_flops / 1e12:.4g} TFLOP per step (jaxpr count, remat's recomputation included), "
-          f"{step_flops / med / 1e12:.4g} TFLOP/s = {step_flops / med / peak:.1%} of the measured matmul rate", flush=True)
+          f"{step_flops / med / 1e12:.4g} TFLOP/s = {step_flops / med / peak:.1%} of the measured matmul rate; "
+          f"model FLOPs (without the recomputation) {model_flops / 1e12:.4g} TFLOP, "
+          f"{model_flops / med / 1e12:.4g} TFLOP/s = {model_flops / med / peak:.1%} (MFU against that rate)", flush=True)
     others = [s for s in bench.ran if s != "lora"]
     note = f" (process peak: includes {', '.join(others)}; run --sections lora alone)" if others else ""
     bench.results["lora_memory"] = memory_line()
@@ -673,7 +677,7 @@ def summary(bench: Bench, incomplete: list[str] | None = None) -> None:
               f"{verdict(e <= TARGET_EARLY_OVER_ONE)}")
     if "lora_s" in r:
         rate = (f", {r['lora_tflop'] / r['lora_s']:.4g} TFLOP/s = {r['lora_fraction']:.1%} of the matmul rate"
-                if "lora_fraction" in r else "")
+                f" (model FLOPs only: {r['lora_model_fraction']:.1%})" if "lora_fraction" in r else "")
         print(f"summary: LoRA step (remat={bench.args.remat}) {r['lora_s'] * 1e3:.1f} ms{rate}; {r['lora_memory']}")
     if incomplete is None:
         incomplete = [s for s in bench.args.sections if s not in bench.ran]

@@ -3,6 +3,7 @@ body once, so a scanned layer stack reads as one layer."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -23,14 +24,20 @@ def matmul_flops(jaxpr, weight_in: int | None = None, while_loops: str = "once")
     return _count(jaxpr, weight_in, while_loops)
 
 
-def program_flops(fn, *args) -> float:
+def program_flops(fn, *args, recompute: bool = True) -> float:
     """`matmul_flops` of `fn(*args)`'s program (`args` may be ShapeDtypeStructs), traced with every
     fused attention as XLA's two products (`attention.forced_attention`), so that a cuDNN or
     splash kernel counts as what it computes rather than as an opaque call. Tracing only; it
-    clears JAX's in-memory caches (see `forced_attention`), so count before compiling."""
-    from pico_jax.model.attention import forced_attention
+    clears JAX's in-memory caches (see `forced_attention`), so count before compiling.
 
-    with forced_attention("xla"):
+    recompute=False counts the program as if no scanned stack were rematerialised
+    (`flux.without_remat`): a training step's model FLOPs, the numerator of MFU as MaxText and
+    PaLM's paper count it, where the default counts what the device runs (remat "full" adds
+    one forward of the blocks to a step's ~3)."""
+    from pico_jax.model.attention import forced_attention
+    from pico_jax.model.flux import without_remat
+
+    with forced_attention("xla"), contextlib.nullcontext() if recompute else without_remat():
         return matmul_flops(jax.make_jaxpr(fn)(*args))
 
 

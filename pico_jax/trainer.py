@@ -582,16 +582,17 @@ class Trainer:
             save_png_atomic(np.concatenate(rows, 0), path)
 
     # --- main loop -------------------------------------------------------------------------
-    def step_flops(self, batch: dict) -> float:
+    def step_flops(self, batch: dict, recompute: bool = True) -> float:
         """Matmul and convolution FLOPs of one training step on `batch` (all devices together), counted
         in its jaxpr (`flops.matmul_flops`) with attention as XLA's two products: what the step
         computes, remat's recomputation included; a fused attention kernel's own recomputation in
-        its backward (cuDNN's, splash's) is not. A trace, no compile; it clears JAX's in-memory
-        caches (`flops.program_flops`), so call it before the step compiles, as `run` does."""
+        its backward (cuDNN's, splash's) is not. recompute=False: the model FLOPs, without remat's
+        recomputation (MFU's numerator). A trace, no compile; it clears JAX's in-memory caches
+        (`flops.program_flops`), so call it before the step compiles, as `run` does."""
         from pico_jax.flops import program_flops
 
         return program_flops(self._step_body, self.trainable, self.frozen, self.conditioning, self.opt_state,
-                             self.ema, batch, jnp.int32(self.step))
+                             self.ema, batch, jnp.int32(self.step), recompute=recompute)
 
     def run(self) -> dict:
         from tqdm import tqdm
@@ -651,8 +652,10 @@ class Trainer:
                     if sample_batch is None:
                         sample_batch = _first_of_global_batch(host, 4)
                     batch = {k: shard(v) for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
-                    if flops_per_step is None:
+                    if flops_per_step is None:  # what the device runs, and the model's share of it
                         flops_per_step = self.step_flops(batch)
+                        model_flops_per_step = (flops_per_step if cfg.remat == "none" else
+                                                self.step_flops(batch, recompute=False))
                     profiler.before(self.step)
                     with jax.profiler.StepTraceAnnotation("train", step_num=self.step):
                         self.trainable, self.opt_state, self.ema, m = self.step_fn(
@@ -676,7 +679,8 @@ class Trainer:
                         last.update(step=self.step, time=now)
                         row = {"step": self.step, "loss": loss, "grad_norm": float(m["grad_norm"]),
                                "lr": float(m["lr"]), "steps_per_sec": sps, "examples_per_sec": sps * cfg.batch_size,
-                               "tflops_per_sec_per_device": sps * flops_per_step / self.mesh.size / 1e12}
+                               "tflops_per_sec_per_device": sps * flops_per_step / self.mesh.size / 1e12,
+                               "model_tflops_per_sec_per_device": sps * model_flops_per_step / self.mesh.size / 1e12}
                         mf.write(json.dumps(row) + "\n")
                         mf.flush()
                         bar.set_postfix(loss=f"{loss:.4f}")

@@ -123,7 +123,8 @@ def test_profile_traces_exactly_the_asked_steps(tmp_path):
 def test_step_flops_are_a_forward_and_its_backward_and_every_log_row_has_the_rate(tmp_path):
     """Full fine-tuning with remat "none" counts ~3 forwards (forward, and the backward's two
     products per forward product; the input's own gradient is not needed); remat "full" adds the
-    blocks' forward once more. Each metrics row's TFLOP/s per device is the step count at its rate."""
+    blocks' forward once more, which the model count (recompute=False) leaves out again. Each
+    metrics row's TFLOP/s per device are the step's counts at its rate."""
     from pico_jax.flops import program_flops
     from pico_jax.trainer import make_data
 
@@ -131,7 +132,10 @@ def test_step_flops_are_a_forward_and_its_backward_and_every_log_row_has_the_rat
     for remat in ("none", "full"):
         tr = Trainer(micro(mesh="data=1", remat=remat, steps=3), tmp_path / remat, progress=False,
                      devices=jax.devices()[:1])
-        counts[remat] = tr.step_flops(_device_batch(tr, next(iter(make_data(tr.cfg)))))
+        batch = _device_batch(tr, next(iter(make_data(tr.cfg))))
+        counts[remat] = tr.step_flops(batch)
+    assert tr.step_flops(batch, recompute=False) == counts["none"]  # remat "full", counted without it
+    assert tr.step_flops(batch) == counts["full"]  # and no trace without remat left in JAX's caches
     model, b, c = nnx.merge(tr.graphdef, tr.trainable, tr.frozen), tr.cfg.batch_size, tr.cfg.model
     n, t = tr.layout.num_tokens, tr.text.prompt_embeds.shape[1]
     forward = program_flops(lambda x, ctx: model(x, ctx, jnp.zeros((b, c.pooled_dim)), jnp.zeros(b),
@@ -144,6 +148,7 @@ def test_step_flops_are_a_forward_and_its_backward_and_every_log_row_has_the_rat
     assert len(rows) == 3
     for row in rows:
         assert row["tflops_per_sec_per_device"] == pytest.approx(row["steps_per_sec"] * counts["full"] / 1e12, rel=1e-6)
+        assert row["model_tflops_per_sec_per_device"] == pytest.approx(row["steps_per_sec"] * counts["none"] / 1e12, rel=1e-6)
 
 
 def test_counting_flops_does_not_change_the_attention_the_step_runs(monkeypatch):

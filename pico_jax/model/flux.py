@@ -16,9 +16,12 @@ with the same meaning (timestep and guidance in [0, 1] model units, multiplied b
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -645,6 +648,24 @@ _REMAT_POLICIES = {
 }
 
 
+_WITHOUT_REMAT = contextvars.ContextVar("pico_jax_without_remat", default=False)
+
+
+@contextlib.contextmanager
+def without_remat() -> Iterator[None]:
+    """Programs traced inside run every scanned stack with remat "none", whatever their config
+    says: for counting a step's model FLOPs, the work without remat's recomputation
+    (`flops.program_flops(..., recompute=False)`). JAX's caches are cleared on entry and exit,
+    as `attention.forced_attention` does, since its trace caches key on shapes, not on this."""
+    jax.clear_caches()
+    token = _WITHOUT_REMAT.set(True)
+    try:
+        yield
+    finally:
+        _WITHOUT_REMAT.reset(token)
+        jax.clear_caches()
+
+
 def scaled_time(t, dtype) -> jax.Array:
     """t (or guidance) × 1000 as diffusers and BFL compute it: rounded to the model dtype, multiplied
     in that dtype, then fp32 for the sinusoidal embedding. In bf16 this matters: guidance 3.5 embeds
@@ -660,6 +681,8 @@ def scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 
     graphdef, state = nnx.split(stacked)
     if remat != "none" and remat not in _REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose none, {', '.join(_REMAT_POLICIES)}")
+    if _WITHOUT_REMAT.get():
+        remat = "none"
     unroll = True if unroll == 0 else unroll
 
     # On CPU a narrow-float stack is not scanned over: it stays a loop constant and the scan runs
