@@ -33,6 +33,22 @@ def target_backend() -> str:
 
 
 @contextlib.contextmanager
+def trace_setting(var: contextvars.ContextVar, value: Any) -> Iterator[None]:
+    """`var` set to `value` inside, for a setting that changes what model code traces (the target
+    backend, a forced attention kernel, remat switched off). JAX's caches are cleared on entry and
+    exit: its trace caches key on shapes, not on such settings, and handed traces across the
+    boundary both ways (a step traced after a FLOP count ran the count's attention). Compiled
+    programs are dropped with them."""
+    jax.clear_caches()
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+        jax.clear_caches()
+
+
+@contextlib.contextmanager
 def traced_for(platform: str) -> Iterator[str]:
     """Inside, model code is traced for `platform` ('cpu', 'cuda', 'rocm', 'gpu' or 'tpu')
     whatever device runs the process. JAX's trace caches are cleared on entry and exit: they key
@@ -41,13 +57,8 @@ def traced_for(platform: str) -> Iterator[str]:
         backend = _PLATFORM_TO_BACKEND[platform]
     except KeyError:
         raise ValueError(f"unknown platform {platform!r}; choose one of {', '.join(_PLATFORM_TO_BACKEND)}") from None
-    jax.clear_caches()
-    token = _TARGET.set(backend)
-    try:
+    with trace_setting(_TARGET, backend):
         yield backend
-    finally:
-        _TARGET.reset(token)
-        jax.clear_caches()
 
 
 @contextlib.contextmanager

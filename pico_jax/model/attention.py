@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pico_jax.backend import target_backend
+from pico_jax.backend import target_backend, trace_setting
 from pico_jax.parallel import BATCH_AXES, data_parallel_size
 
 
@@ -147,19 +147,13 @@ _FORCED = contextvars.ContextVar("pico_jax_attention", default=None)
 def forced_attention(implementation: str) -> Iterator[None]:
     """Programs traced inside use `implementation` (one of ATTENTION_IMPLEMENTATIONS) for every
     fused attention, whatever the backend or PICO_JAX_ATTENTION say; e.g. "xla" to count a
-    program's FLOPs in its jaxpr, where a kernel is an opaque call. As `backend.traced_for` does,
-    JAX's caches are cleared on entry and exit: its trace caches key on shapes, not on this
-    setting, and handed traces across it both ways (a step traced after the count ran XLA's
-    attention instead of the CPU's head-by-head kernel). Compiled programs are dropped with them."""
+    program's FLOPs in its jaxpr, where a kernel is an opaque call. JAX's caches are cleared on
+    entry and exit (`backend.trace_setting`): a step traced after the count had run XLA's
+    attention instead of the CPU's head-by-head kernel."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}; choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    jax.clear_caches()
-    token = _FORCED.set(implementation)
-    try:
+    with trace_setting(_FORCED, implementation):
         yield
-    finally:
-        _FORCED.reset(token)
-        jax.clear_caches()
 
 
 def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str | None = None) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from pico_jax.backend import target_backend
+from pico_jax.backend import target_backend, trace_setting
 from pico_jax.model.attention import NARROW_FLOATS, AttentionHooks, Captured, attention
 from pico_jax.parallel import fsdp_gather_layer, fsdp_gathering, save_all_but_gathered_weights
 
@@ -655,15 +655,10 @@ _WITHOUT_REMAT = contextvars.ContextVar("pico_jax_without_remat", default=False)
 def without_remat() -> Iterator[None]:
     """Programs traced inside run every scanned stack with remat "none", whatever their config
     says: for counting a step's model FLOPs, the work without remat's recomputation
-    (`flops.program_flops(..., recompute=False)`). JAX's caches are cleared on entry and exit,
-    as `attention.forced_attention` does, since its trace caches key on shapes, not on this."""
-    jax.clear_caches()
-    token = _WITHOUT_REMAT.set(True)
-    try:
+    (`flops.program_flops(..., recompute=False)`). JAX's caches are cleared on entry and exit
+    (`backend.trace_setting`)."""
+    with trace_setting(_WITHOUT_REMAT, True):
         yield
-    finally:
-        _WITHOUT_REMAT.reset(token)
-        jax.clear_caches()
 
 
 def scaled_time(t, dtype) -> jax.Array:
