@@ -44,6 +44,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main(argv=None):
+    from pico_jax.infer import GATHER_WEIGHTS_CHOICES  # the CLIs' choices, without importing jax
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mesh", default="fsdp=4,tensor=2")
     ap.add_argument("--config", default="flux1-dev")
@@ -66,7 +68,7 @@ def main(argv=None):
     ap.add_argument("--score-steps", type=int, default=4, help="scored early steps for --step sample (default 4)")
     ap.add_argument("--seed-batch", type=int, default=None,
                     help="seeds run together for --step sample (default: all, the GPU/TPU program)")
-    ap.add_argument("--gather-weights", choices=("per_layer", "per_call"), default="per_layer",
+    ap.add_argument("--gather-weights", choices=GATHER_WEIGHTS_CHOICES, default="per_layer",
                     help="for --step sample over 'fsdp': each layer's weights gathered at every model call "
                          "(per_layer, the default) or the whole model once per call (per_call), as "
                          "Pipeline(gather_weights=...)")
