@@ -310,22 +310,7 @@ def fsdp_gather_layer(layer_state, compute_dtype=None):
 
     The gather's gradient is FSDP's reduce-scatter: each device's partial gradient goes, widened
     to the parameter's dtype, straight to the parameter's own layout (`_gather_over_fsdp_bwd`)."""
-    if not fsdp_gathering():
-        return layer_state
-    from flax import nnx
-
-    mesh = jax.sharding.get_abstract_mesh()
-    leaves = []
-    narrow = jnp.dtype(compute_dtype) if compute_dtype is not None else None
-    for key_path, var in nnx.to_flat_state(layer_state):
-        value = var.get_value()
-        name = ".".join(str(p) for p in key_path)
-        cast = (narrow is not None and _CAST_AT_USE.search(name) is not None
-                and jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize > narrow.itemsize)
-        spec = spec_for(name, value.shape, mesh)
-        gathered = _gather_over_fsdp(spec, without_fsdp(spec), narrow if cast else None, value.dtype, value)
-        leaves.append((key_path, var.replace(checkpoint_name(gathered, FSDP_GATHERED))))
-    return nnx.from_flat_state(leaves)
+    return _gather_state(layer_state, compute_dtype, by_bits=False)
 
 
 def fsdp_gather_model(state, compute_dtype=None):
@@ -334,32 +319,67 @@ def fsdp_gather_model(state, compute_dtype=None):
     a context mesh with 'fsdp'. For a sampler's program (`Pipeline(gather_weights="per_call")`):
     gathered before its loop, the weights are loop constants, so its 28 or more model calls
     gather nothing more, where each call's layers would otherwise gather theirs again; the
-    price is the whole model (in `compute_dtype`) on every device while the program runs."""
-    return fsdp_gather_layer(state, compute_dtype)
+    price is the whole model (in `compute_dtype`) on every device while the program runs.
+
+    On CPU its bf16/fp16 leaves are gathered as their uint16 bits: XLA:CPU's float normalisation
+    widened a bf16 all-gather to fp32, so the whole-model gather moved twice its bytes and planned
+    an fp32 copy of the model beside the bf16 one (FLUX.1-Fill-dev's sampler on data=2,fsdp=4:
+    44.33 GiB gathered for 22.16 of bf16 weights; benchmarks/RESULTS.md, twenty-eighth session).
+    A scanned layer's gathers need none of it: its slices arrive as bits (`flux.take_layer`)."""
+    from pico_jax.backend import target_backend
+
+    return _gather_state(state, compute_dtype, by_bits=target_backend() == "cpu")
 
 
-def _cast_and_gather(gathered: P, narrow, value: jax.Array) -> jax.Array:
+def _gather_state(state, compute_dtype, by_bits: bool):
+    """`fsdp_gather_layer` of `state`; with `by_bits`, its 16-bit float leaves cross the gather as uint16."""
+    if not fsdp_gathering():
+        return state
+    from flax import nnx
+
+    mesh = jax.sharding.get_abstract_mesh()
+    leaves = []
+    narrow = jnp.dtype(compute_dtype) if compute_dtype is not None else None
+    for key_path, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        name = ".".join(str(p) for p in key_path)
+        cast = (narrow is not None and _CAST_AT_USE.search(name) is not None
+                and jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize > narrow.itemsize)
+        spec = spec_for(name, value.shape, mesh)
+        gathered = _gather_over_fsdp(spec, without_fsdp(spec), narrow if cast else None, value.dtype, by_bits, value)
+        leaves.append((key_path, var.replace(checkpoint_name(gathered, FSDP_GATHERED))))
+    return nnx.from_flat_state(leaves)
+
+
+def _cast_and_gather(gathered: P, narrow, by_bits: bool, value: jax.Array) -> jax.Array:
     """`value` gathered to the layout `gathered`, cast to `narrow` first if given. The barrier
-    keeps XLA from moving the gather back above the cast (it did: 86 % fp32 bytes)."""
+    keeps XLA from moving the gather back above the cast (it did: 86 % fp32 bytes). With
+    `by_bits`, a bf16/fp16 value is gathered as its uint16 bits, between barriers: without them
+    XLA folded the bitcasts away and widened the gather again. (Not for a scanned layer's
+    gathers: a remat policy would then keep the barrier's gathered output as a residual.)"""
     if narrow is not None:
         value = jax.lax.optimization_barrier(value.astype(narrow))
+    if by_bits and jnp.dtype(value.dtype) in (jnp.bfloat16, jnp.float16):
+        bits = jax.lax.optimization_barrier(jax.lax.bitcast_convert_type(value, jnp.uint16))
+        bits = jax.lax.optimization_barrier(jax.lax.with_sharding_constraint(bits, gathered))
+        return jax.lax.bitcast_convert_type(bits, value.dtype)
     return jax.lax.with_sharding_constraint(value, gathered)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _gather_over_fsdp(spec: P, gathered: P, narrow, master, value: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _gather_over_fsdp(spec: P, gathered: P, narrow, master, by_bits: bool, value: jax.Array) -> jax.Array:
     """`_cast_and_gather` of `value` (laid out as `spec`, of dtype `master`), with the gradient
     of `_gather_over_fsdp_bwd`."""
-    return _cast_and_gather(gathered, narrow, value)
+    return _cast_and_gather(gathered, narrow, by_bits, value)
 
 
-def _gather_over_fsdp_fwd(spec, gathered, narrow, master, value):
+def _gather_over_fsdp_fwd(spec, gathered, narrow, master, by_bits, value):
     # Not through the custom_vjp function: its ops must stay visible to remat policies, so that
     # `save_all_but_gathered_weights` sees the sharding constraint and does not keep its output.
-    return _cast_and_gather(gathered, narrow, value), None
+    return _cast_and_gather(gathered, narrow, by_bits, value), None
 
 
-def _gather_over_fsdp_bwd(spec, gathered, narrow, master, _, cotangent):
+def _gather_over_fsdp_bwd(spec, gathered, narrow, master, by_bits, _, cotangent):
     """The gradient goes straight to the parameter's own layout, widened first: each device's
     partial sum is reduce-scattered over 'fsdp' in the master dtype (XLA:CPU writes that as an
     all-reduce and a slice). Autodiff's transpose of the constraint asks for the whole gradient

@@ -107,6 +107,24 @@ def test_fsdp_with_remat_none_gathers_again_instead_of_keeping_the_gathered_weig
     assert compiled.memory_analysis().temp_size_in_bytes < 0.9 * stacked  # 1.77 GiB; 3.39 before
 
 
+def test_a_whole_bf16_model_gathered_at_once_moves_its_bf16_bytes():
+    """fsdp_gather_model (the sampler's gather_weights="per_call") of FLUX.1-dev-width bf16 weights
+    over fsdp=8 gathers their bf16 bytes once. XLA:CPU widened a bf16 all-gather to fp32: twice the
+    bytes, and an fp32 copy of the model planned beside the bf16 one (2.6 GiB of temporaries here)."""
+    from pico_jax.parallel import collective_bytes, fsdp_gather_model, on_mesh
+
+    state = nnx.state(abstract_model(FluxConfig.flux1_dev(num_double=1, num_single=1)))
+    mesh = make_mesh("fsdp=8")
+    weights = sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(state))
+
+    def sums(state):  # every gathered leaf read whole, so nothing can be gathered later or partially
+        return jax.tree.map(lambda x: jnp.sum(x.astype(jnp.float32) ** 2), fsdp_gather_model(state, jnp.bfloat16))
+
+    compiled = on_mesh(jax.jit(sums, in_shardings=(state_shardings(state, mesh),)), mesh).lower(state).compile()
+    assert 0.9 * weights < collective_bytes(compiled.as_text())["all-gather"] <= 1.05 * weights
+    assert compiled.memory_analysis().temp_size_in_bytes < 1.5 * weights
+
+
 def test_tensor_parallelism_moves_only_megatrons_all_reduces():
     """Over 'tensor' alone, the full-size forward moves what Megatron-style tensor parallelism must:
     each row-parallel product's output reduced once (XLA:CPU writes it as an all-reduce plus an
