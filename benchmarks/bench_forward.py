@@ -88,12 +88,15 @@ def main(argv=None):
     import jax.numpy as jnp
     import torch
     from diffusers import FluxTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
 
     from pico_jax import load_flux_transformer
     from pico_jax.model.flux import jit_forward
 
     heads = args.width // args.head_dim
     rope = (args.head_dim - 2 * (args.head_dim * 7 // 16), args.head_dim * 7 // 16, args.head_dim * 7 // 16)
+    # diffusers' .to(dtype) logs that no module is kept in fp32 (there is none in FLUX): noise here
+    diffusers_logging.set_verbosity_error()
     torch.manual_seed(0)
     tm = FluxTransformer2DModel(num_layers=args.double, num_single_layers=args.single, attention_head_dim=args.head_dim,
                                 num_attention_heads=heads, joint_attention_dim=4096, pooled_projection_dim=768,

@@ -40,6 +40,7 @@ def main(argv=None):
     import optax
     import torch
     from diffusers import FluxTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
     from flax import nnx
     from peft import LoraConfig
 
@@ -89,6 +90,8 @@ def main(argv=None):
     compile_s = time.perf_counter() - t0
 
     # --- theirs
+    # diffusers' .to(dtype) logs that no module is kept in fp32 (there is none in FLUX): noise here
+    diffusers_logging.set_verbosity_error()
     torch.manual_seed(0)
     tm = FluxTransformer2DModel(num_layers=args.double, num_single_layers=args.single, attention_head_dim=args.head_dim,
                                 num_attention_heads=heads, guidance_embeds=True, axes_dims_rope=rope)
@@ -104,7 +107,7 @@ def main(argv=None):
         if n.startswith("proj_out"):
             p.requires_grad_(False)
     topt = torch.optim.AdamW(params, lr=1e-4)
-    t = {k: torch.from_numpy(np.asarray(v, np.float32)).to(getattr(torch, args.dtype)) for k, v in dict(
+    t = {k: torch.from_numpy(np.array(v, np.float32)).to(getattr(torch, args.dtype)) for k, v in dict(
         hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, img_ids=img_ids, txt_ids=txt_ids).items()}
     tt, tmask = torch.from_numpy(target), torch.from_numpy(mask)
 
