@@ -88,7 +88,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench_forward import forward_flops  # noqa: E402
-from pico_jax.flops import program_flops  # noqa: E402
+from pico_jax.flops import peak_tflops, program_flops  # noqa: E402
 from pico_jax.model.flux import FluxConfig, FluxTransformer, abstract_model, count_params  # noqa: E402
 
 SECTIONS = ("matmul", "forward", "diffusers", "sample", "lora")
@@ -614,6 +614,13 @@ def section_lora(bench: Bench) -> None:
           f"{model_flops / med / 1e12:.4g} TFLOP/s = {model_flops / med / peak:.1%} (MFU against that rate)", flush=True)
     others = [s for s in bench.ran if s != "lora"]
     note = f" (process peak: includes {', '.join(others)}; run --sections lora alone)" if others else ""
+    kind = jax.devices()[0].device_kind
+    peak_tf = args.peak_tflops or peak_tflops(kind, jnp.bfloat16)
+    if peak_tf:  # what MFU papers and MaxText quote: model FLOPs over the dense peak
+        bench.results["lora_mfu"] = model_flops / med / (peak_tf * 1e12)
+        source = "--peak-tflops" if args.peak_tflops else f"the data sheet's for {kind}"
+        print(f"lora MFU: {bench.results['lora_mfu']:.2%} of a dense bf16 peak of {peak_tf:g} TFLOP/s ({source})",
+              flush=True)
     bench.results["lora_memory"] = memory_line()
     print(f"lora memory: {bench.results['lora_memory']}{note}; {compiled_memory(compiled)}", flush=True)
     del state, base
@@ -678,6 +685,8 @@ def summary(bench: Bench, incomplete: list[str] | None = None) -> None:
     if "lora_s" in r:
         rate = (f", {r['lora_tflop'] / r['lora_s']:.4g} TFLOP/s = {r['lora_fraction']:.1%} of the matmul rate"
                 f" (model FLOPs only: {r['lora_model_fraction']:.1%})" if "lora_fraction" in r else "")
+        if "lora_mfu" in r:
+            rate += f", MFU {r['lora_mfu']:.2%} of the dense bf16 peak"
         print(f"summary: LoRA step (remat={bench.args.remat}) {r['lora_s'] * 1e3:.1f} ms{rate}; {r['lora_memory']}")
     if incomplete is None:
         incomplete = [s for s in bench.args.sections if s not in bench.ran]
@@ -702,6 +711,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sample-repeat", type=int, default=1, help="timed runs per sampling mode (median)")
     ap.add_argument("--remat", default="full", choices=("full", "dots", "nothing", "none"), help="LoRA step remat")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    ap.add_argument("--peak-tflops", type=float, default=0.0, metavar="TFLOPS",
+                    help="the device's dense bf16 peak for the LoRA step's MFU (default 0: the data sheet's, "
+                         "pico_jax.flops.peak_tflops, for H100 / H200 / A100 / TPU v4-v6e; none printed otherwise)")
     ap.add_argument("--budget-s", type=float, metavar="SECONDS",
                     help="run the section groups each in a process of its own, most important first, "
                          "within SECONDS of wall time in all (a group past it is killed, later ones skipped)")
@@ -739,7 +751,7 @@ def write_results(bench: Bench, path: str | None) -> None:
 # ------------------------------------------------------------------------------ --budget-s
 # Options a child process gets as they were given (or defaulted) to the parent.
 PASSED_OPTIONS = ("config", "tokens", "text", "dtype", "repeat", "steps", "seeds", "keep", "score_steps",
-                  "sample_repeat", "remat", "rank")
+                  "sample_repeat", "remat", "rank", "peak_tflops")
 
 
 def budget_groups(args: argparse.Namespace) -> list[tuple[list[str], list[str] | None]]:

@@ -41,6 +41,30 @@ def program_flops(fn, *args, recompute: bool = True) -> float:
         return matmul_flops(jax.make_jaxpr(fn)(*args))
 
 
+# Dense (no structured sparsity) bf16/fp16 tensor-core peaks per device, TFLOP/s, from the vendors'
+# data sheets, keyed by JAX's `device.device_kind`. A TPU device is one chip ("TPU v5 lite" is
+# v5e, "TPU v5" is v5p, "TPU v6 lite" is v6e). Only what the sheets state; anything else needs
+# `peak` given by hand (TrainConfig.peak_tflops_per_device).
+TPU_PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5": 459.0, "TPU v5p": 459.0,
+                   "TPU v6 lite": 918.0, "TPU v6e": 918.0}
+# NVIDIA kinds name the board ("NVIDIA H100 80GB HBM3" is the SXM part); first match wins.
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+
+
+def peak_tflops(device_kind: str, dtype) -> float | None:
+    """The device's dense bf16/fp16 matmul peak in TFLOP/s (MFU's denominator), or None when the
+    kind is not in the tables or `dtype` is not a 16-bit float: an fp32 program's peak depends on
+    whether its products run as TF32, bf16 passes or true fp32."""
+    import jax.numpy as jnp
+
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return None
+    if device_kind in TPU_PEAK_TFLOPS:
+        return TPU_PEAK_TFLOPS[device_kind]
+    kind = device_kind.lower()
+    return next((peak for name, peak in GPU_PEAK_TFLOPS if name.lower() in kind), None)
+
+
 def _count(jaxpr, weight_in: int | None, while_loops: str) -> float:
     total = 0.0
     for eqn in jaxpr.eqns:

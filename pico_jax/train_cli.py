@@ -19,8 +19,9 @@ sharded too (FSDP), so FLUX.1-dev fits. Re-running with the same --workdir resum
 where the run stopped (parameters, optimizer, step, RNG, data position). SIGTERM saves a
 checkpoint before exiting; a non-finite loss stops the run and keeps the last good checkpoint.
 
-Writes DIR/metrics.jsonl (step, loss, lr, grad_norm, steps/s, examples/s, TFLOP/s per device),
-DIR/tensorboard/,
+Writes DIR/metrics.jsonl (step, loss, lr, grad_norm, steps/s, examples/s, TFLOP/s per device
+run and of model work, and MFU where the device's peak is known: H100, H200, A100, TPU v4 / v5e /
+v5p / v6e in bf16, or --set peak_tflops_per_device=...), DIR/tensorboard/,
 DIR/samples/step_*.png (rows: A | A' | B | ours | truth), DIR/checkpoints/ (Orbax), and with
 --profile, DIR/profile/ (a jax.profiler trace)."""
 

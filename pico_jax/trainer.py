@@ -93,6 +93,10 @@ class TrainConfig:
     # Over 'fsdp', when the sample sheets' sampler gathers the weights (Pipeline's gather_weights):
     # "per_layer" at every model call, or "per_call", the whole model once per sheet.
     sample_gather_weights: str = "per_layer"
+    # MFU's denominator: the device's dense matmul peak in TFLOP/s. 0: looked up from the device
+    # kind (flops.peak_tflops: H100, H200, A100, TPU v4 / v5e / v5p / v6e, for a bf16/fp16 dtype);
+    # metrics rows carry "mfu" only when a peak is known.
+    peak_tflops_per_device: float = 0.0
     # A jax.profiler trace of steps [profile_start_step, + profile_steps) into DIR/profile
     # (TensorBoard's profile plugin, Perfetto or XProf read it); -1: none. Start after the first
     # step, which compiles.
@@ -184,6 +188,19 @@ def build_text(spec: dict, cfg: FluxConfig) -> TextConditioning:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def device_peak_tflops(cfg: TrainConfig, mesh) -> float | None:
+    """MFU's denominator for `cfg` on `mesh`'s devices: `peak_tflops_per_device` if set, else the
+    devices' table peak for the compute dtype (`flops.peak_tflops`), else None (no "mfu" logged)."""
+    from pico_jax.flops import peak_tflops
+
+    if cfg.peak_tflops_per_device < 0:
+        raise ValueError(f"peak_tflops_per_device must be > 0, or 0 to look it up (got {cfg.peak_tflops_per_device})")
+    if cfg.peak_tflops_per_device:
+        return float(cfg.peak_tflops_per_device)
+    kinds = {d.device_kind for d in mesh.devices.flat}
+    return peak_tflops(kinds.pop(), config_dtype(cfg, "dtype")) if len(kinds) == 1 else None
 
 
 def config_dtype(cfg: TrainConfig, key: str) -> jnp.dtype:
@@ -435,6 +452,7 @@ class Trainer:
                              f"micro-batches, each divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")
         dtype = config_dtype(cfg, "dtype")
         config_dtype(cfg, "master_dtype")  # a bad value fails before anything is built
+        self.peak_tflops = device_peak_tflops(cfg, self.mesh)
         from pico_jax.checkpoints import build_autoencoder
 
         self.ae = build_autoencoder(cfg.autoencoder, Path(cfg.autoencoder.get("root", ".")), dtype)
@@ -681,9 +699,11 @@ class Trainer:
                                "lr": float(m["lr"]), "steps_per_sec": sps, "examples_per_sec": sps * cfg.batch_size,
                                "tflops_per_sec_per_device": sps * flops_per_step / self.mesh.size / 1e12,
                                "model_tflops_per_sec_per_device": sps * model_flops_per_step / self.mesh.size / 1e12}
+                        if self.peak_tflops:
+                            row["mfu"] = row["model_tflops_per_sec_per_device"] / self.peak_tflops
                         mf.write(json.dumps(row) + "\n")
                         mf.flush()
-                        bar.set_postfix(loss=f"{loss:.4f}")
+                        bar.set_postfix(loss=f"{loss:.4f}", **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
                         if writer:
                             for k, v in row.items():
                                 if k != "step":

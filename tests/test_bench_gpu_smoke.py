@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_gpu_flux.py"
 NUMBER = r"([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)"
@@ -35,7 +37,7 @@ def _run(*flags: str) -> subprocess.CompletedProcess:
 
 
 def _run_toy() -> str:
-    proc = _run("--repeat", "2", "--steps", "3", "--seeds", "2")
+    proc = _run("--repeat", "2", "--steps", "3", "--seeds", "2", "--peak-tflops", "0.5")  # a CPU has no data sheet
     out = proc.stdout
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{proc.stderr[-4000:]}"
     return out
@@ -72,6 +74,9 @@ def test_bench_gpu_flux_toy_runs_every_section():
     assert _number(rf"^lora: {NUMBER} ms per step", out) > 0
     assert _number(rf"^lora rate: {NUMBER} TFLOP per step", out) > 0
     assert re.search(r"^lora memory: device peak memory (n/a|[0-9.]+ GiB)", out, re.MULTILINE)
+    model_rate = _number(rf"^lora rate: .* model FLOPs .* TFLOP, {NUMBER} TFLOP/s", out)
+    mfu = _number(rf"^lora MFU: {NUMBER}% of a dense bf16 peak of 0.5 TFLOP/s \(--peak-tflops\)", out)
+    assert mfu == pytest.approx(model_rate / 0.5 * 100, rel=0.01, abs=0.006)
 
     assert re.search(r"^summary: forward .* \(target >= 55%\): (MET|NOT MET)", out, re.MULTILINE)
     assert re.search(r"^summary: best-of-2 early / one = .* \(target <= 2\): (MET|NOT MET)", out, re.MULTILINE)

@@ -130,8 +130,8 @@ def test_step_flops_are_a_forward_and_its_backward_and_every_log_row_has_the_rat
 
     counts = {}
     for remat in ("none", "full"):
-        tr = Trainer(micro(mesh="data=1", remat=remat, steps=3), tmp_path / remat, progress=False,
-                     devices=jax.devices()[:1])
+        tr = Trainer(micro(mesh="data=1", remat=remat, steps=3, peak_tflops_per_device=2.5), tmp_path / remat,
+                     progress=False, devices=jax.devices()[:1])
         batch = _device_batch(tr, next(iter(make_data(tr.cfg))))
         counts[remat] = tr.step_flops(batch)
     assert tr.step_flops(batch, recompute=False) == counts["none"]  # remat "full", counted without it
@@ -149,6 +149,20 @@ def test_step_flops_are_a_forward_and_its_backward_and_every_log_row_has_the_rat
     for row in rows:
         assert row["tflops_per_sec_per_device"] == pytest.approx(row["steps_per_sec"] * counts["full"] / 1e12, rel=1e-6)
         assert row["model_tflops_per_sec_per_device"] == pytest.approx(row["steps_per_sec"] * counts["none"] / 1e12, rel=1e-6)
+        assert row["mfu"] == pytest.approx(row["model_tflops_per_sec_per_device"] / 2.5, rel=1e-9)
+
+
+def test_mfu_is_logged_only_against_a_known_or_given_peak():
+    """The peak comes from peak_tflops_per_device, else the device kind's table entry for a 16-bit
+    compute dtype; a CPU has none, so its rows carry no "mfu"."""
+    from pico_jax.parallel import make_mesh
+    from pico_jax.trainer import device_peak_tflops
+
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    assert device_peak_tflops(micro(dtype="bfloat16"), mesh) is None  # jax.devices() are CPUs here
+    assert device_peak_tflops(micro(peak_tflops_per_device=312), mesh) == 312.0
+    with pytest.raises(ValueError, match="peak_tflops_per_device must be > 0"):
+        device_peak_tflops(micro(peak_tflops_per_device=-1), mesh)
 
 
 def test_counting_flops_does_not_change_the_attention_the_step_runs(monkeypatch):
