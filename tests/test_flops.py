@@ -73,9 +73,9 @@ def test_peak_tflops_reads_the_data_sheets_by_device_kind():
     from pico_jax.flops import peak_tflops
 
     bf16 = jnp.bfloat16
-    assert peak_tflops("NVIDIA H100 80GB HBM3", bf16) == 989.4  # SXM
+    assert peak_tflops("NVIDIA H100 80GB HBM3", bf16) == 989.0  # SXM
     assert peak_tflops("NVIDIA H100 PCIe", jnp.float16) == 756.0
-    assert peak_tflops("NVIDIA H200", bf16) == 989.4
+    assert (peak_tflops("NVIDIA H200", bf16), peak_tflops("NVIDIA H200 NVL", bf16)) == (989.0, 835.0)
     assert peak_tflops("NVIDIA A100-SXM4-80GB", bf16) == 312.0
     assert (peak_tflops("TPU v5 lite", bf16), peak_tflops("TPU v5", bf16), peak_tflops("TPU v6 lite", bf16)) == (197.0, 459.0, 918.0)
     assert peak_tflops("TPU v4 lite", bf16) is None  # not v4's 275: an unknown kind is not guessed
