@@ -162,11 +162,12 @@ def main(argv=None):
     print(f"  abstract model {t_trace:.1f} s, lower {t_lower:.1f} s, compile {t_compile:.1f} s{target_note}")
     print(f"  per device: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB")
     flops = program_flops(unmeshed, *operands)
-    print(f"  matmul + conv FLOPs per call (jaxpr count, attention as XLA's products): {flops / 1e12:,.1f} TFLOP, "
+    print(f"  matmul + conv FLOPs per call (jaxpr count, attention as its kernel's products): {flops / 1e12:,.1f} TFLOP, "
           f"{flops / mesh.size / 1e12:,.1f} per device")
-    if args.step in ("lora", "train") and cfg.remat != "none":
+    if args.step in ("lora", "train"):
         model_flops = program_flops(unmeshed, *operands, recompute=False)
-        print(f"  of which the model's (without remat's recomputation; MFU's numerator): {model_flops / 1e12:,.1f} TFLOP")
+        print(f"  of which the model's (without remat's or the attention kernel's recomputation; MFU's numerator): "
+              f"{model_flops / 1e12:,.1f} TFLOP")
     moved = collective_bytes(compiled.as_text())
     unknown = moved.pop("loops of unknown trip count", 0)
     parts = ", ".join(f"{kind} {n / 2**30:.2f} GiB" for kind, n in sorted(moved.items()) if n) or "none"

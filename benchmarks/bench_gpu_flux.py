@@ -585,8 +585,8 @@ def section_lora(bench: Bench) -> None:
     del lora
     batch = lora_batch(cfg, args, bench.dtype)
     step_fn = make_lora_step(graphdef, tx, cfg.guidance_embeds)
-    # Counted before the compile (the count clears JAX's caches); attention counts as XLA's two
-    # products, so the kernel's backward recomputation is not counted.
+    # Counted before the compile (the count clears JAX's caches); each attention counts as its
+    # kernel's products (cuDNN's backward recomputes the logits: counted in step_flops only).
     step_flops = program_flops(step_fn, state[0], state[1], base, batch)
     model_flops = program_flops(step_fn, state[0], state[1], base, batch, recompute=False)
     t0 = time.perf_counter()

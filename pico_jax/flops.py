@@ -3,7 +3,6 @@ body once, so a scanned layer stack reads as one layer."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import jax
@@ -25,19 +24,24 @@ def matmul_flops(jaxpr, weight_in: int | None = None, while_loops: str = "once")
 
 
 def program_flops(fn, *args, recompute: bool = True) -> float:
-    """`matmul_flops` of `fn(*args)`'s program (`args` may be ShapeDtypeStructs), traced with every
-    fused attention as XLA's two products (`attention.forced_attention`), so that a cuDNN or
-    splash kernel counts as what it computes rather than as an opaque call. Tracing only; it
+    """`matmul_flops` of `fn(*args)`'s program (`args` may be ShapeDtypeStructs): what the device
+    runs. Every fused attention is traced as visible JAX ops doing its kernel's products
+    (`attention.counted_as_run`), so a cuDNN or splash kernel counts as what it computes rather
+    than as an opaque call, its backward's recomputation of the logits included. Tracing only; it
     clears JAX's in-memory caches (see `forced_attention`), so count before compiling.
 
-    recompute=False counts the program as if no scanned stack were rematerialised
-    (`flux.without_remat`): a training step's model FLOPs, the numerator of MFU as MaxText and
-    PaLM's paper count it, where the default counts what the device runs (remat "full" adds
-    one forward of the blocks to a step's ~3)."""
-    from pico_jax.model.attention import forced_attention
+    recompute=False counts the program as if nothing were recomputed: no scanned stack
+    rematerialised (`flux.without_remat`) and attention as XLA's, whose gradient reuses the
+    forward's probabilities. That is a training step's model FLOPs, the numerator of MFU as
+    MaxText and PaLM's paper count it; remat "full" adds one forward of the blocks to a step's ~3,
+    a flash kernel one (N, N) product per attention backward."""
+    from pico_jax.model.attention import counted_as_run, forced_attention
     from pico_jax.model.flux import without_remat
 
-    with forced_attention("xla"), contextlib.nullcontext() if recompute else without_remat():
+    if recompute:
+        with counted_as_run():
+            return matmul_flops(jax.make_jaxpr(fn)(*args))
+    with forced_attention("xla"), without_remat():
         return matmul_flops(jax.make_jaxpr(fn)(*args))
 
 

@@ -602,10 +602,10 @@ class Trainer:
     # --- main loop -------------------------------------------------------------------------
     def step_flops(self, batch: dict, recompute: bool = True) -> float:
         """Matmul and convolution FLOPs of one training step on `batch` (all devices together), counted
-        in its jaxpr (`flops.matmul_flops`) with attention as XLA's two products: what the step
-        computes, remat's recomputation included; a fused attention kernel's own recomputation in
-        its backward (cuDNN's, splash's) is not. recompute=False: the model FLOPs, without remat's
-        recomputation (MFU's numerator). A trace, no compile; it clears JAX's in-memory caches
+        in its jaxpr (`flops.matmul_flops`), each attention as the products of the kernel that runs
+        it (`attention.counted_as_run`): what the step computes, remat's recomputation and a flash
+        kernel's recomputed logits included. recompute=False: the model FLOPs, without either
+        (MFU's numerator). A trace, no compile; it clears JAX's in-memory caches
         (`flops.program_flops`), so call it before the step compiles, as `run` does."""
         from pico_jax.flops import program_flops
 
@@ -672,8 +672,7 @@ class Trainer:
                     batch = {k: shard(v) for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
                     if flops_per_step is None:  # what the device runs, and the model's share of it
                         flops_per_step = self.step_flops(batch)
-                        model_flops_per_step = (flops_per_step if cfg.remat == "none" else
-                                                self.step_flops(batch, recompute=False))
+                        model_flops_per_step = self.step_flops(batch, recompute=False)
                     profiler.before(self.step)
                     with jax.profiler.StepTraceAnnotation("train", step_num=self.step):
                         self.trainable, self.opt_state, self.ema, m = self.step_fn(

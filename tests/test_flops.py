@@ -81,3 +81,28 @@ def test_peak_tflops_reads_the_data_sheets_by_device_kind():
     assert peak_tflops("TPU v4 lite", bf16) is None  # not v4's 275: an unknown kind is not guessed
     assert peak_tflops("NVIDIA H100 80GB HBM3", jnp.float32) is None  # TF32 or not: unknown
     assert peak_tflops("cpu", bf16) is None
+
+
+@pytest.mark.parametrize("platform, dtype, kernel_recomputes", [
+    ("cuda", jnp.bfloat16, True),  # cuDNN flash attention
+    ("tpu", jnp.bfloat16, True),  # splash (counted as flash's 5 backward products)
+    ("cpu", jnp.float32, True),  # the head-by-head kernel
+    ("cuda", jnp.float32, False),  # XLA's attention: autodiff keeps the probabilities
+])
+def test_the_device_count_has_the_attention_kernels_recomputed_logits(platform, dtype, kernel_recomputes):
+    """An attention gradient: forward QKᵀ and PV, then dV, dP, dQ, dK (6 products of 2·B·H·N²·D
+    FLOPs each, the model count), plus the logits again where the kernel that would run is a
+    flash kernel (7): program_flops counts each kernel by a visible stand-in doing its products."""
+    from pico_jax.backend import traced_for
+    from pico_jax.flops import program_flops
+    from pico_jax.model.attention import fused_attention
+
+    b, n, h, d = 2, 256, 2, 128
+    qkv = [S((b, n, h, d), dtype)] * 3
+    loss = lambda q, k, v: jnp.sum(fused_attention(q, k, v).astype(jnp.float32))  # noqa: E731
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2))  # the value too: else the PV product is dead code
+    product = 2.0 * b * h * n * n * d
+    with traced_for(platform):
+        device, model = program_flops(grad, *qkv), program_flops(grad, *qkv, recompute=False)
+    assert model == 6 * product
+    assert device == (7 if kernel_recomputes else 6) * product

@@ -123,32 +123,37 @@ def test_profile_traces_exactly_the_asked_steps(tmp_path):
 def test_step_flops_are_a_forward_and_its_backward_and_every_log_row_has_the_rate(tmp_path):
     """Full fine-tuning with remat "none" counts ~3 forwards (forward, and the backward's two
     products per forward product; the input's own gradient is not needed); remat "full" adds the
-    blocks' forward once more, which the model count (recompute=False) leaves out again. Each
-    metrics row's TFLOP/s per device are the step's counts at its rate."""
+    blocks' forward once more, which the model count (recompute=False) leaves out again. The CPU's
+    head-by-head kernel, like a flash kernel, recomputes each attention's logits in its backward:
+    the device count has exactly that one (N, N) product per attention layer more than the model
+    count. Each metrics row's TFLOP/s per device are the step's counts at its rate."""
     from pico_jax.flops import program_flops
     from pico_jax.trainer import make_data
 
-    counts = {}
+    counts, model_counts = {}, {}
     for remat in ("none", "full"):
         tr = Trainer(micro(mesh="data=1", remat=remat, steps=3, peak_tflops_per_device=2.5), tmp_path / remat,
                      progress=False, devices=jax.devices()[:1])
         batch = _device_batch(tr, next(iter(make_data(tr.cfg))))
-        counts[remat] = tr.step_flops(batch)
-    assert tr.step_flops(batch, recompute=False) == counts["none"]  # remat "full", counted without it
+        counts[remat], model_counts[remat] = tr.step_flops(batch), tr.step_flops(batch, recompute=False)
+    assert model_counts["full"] == model_counts["none"]  # remat "full", counted without it
     assert tr.step_flops(batch) == counts["full"]  # and no trace without remat left in JAX's caches
     model, b, c = nnx.merge(tr.graphdef, tr.trainable, tr.frozen), tr.cfg.batch_size, tr.cfg.model
     n, t = tr.layout.num_tokens, tr.text.prompt_embeds.shape[1]
+    logits = 2.0 * b * c.num_heads * (n + t) ** 2 * c.head_dim  # one layer's QKᵀ
+    assert counts["none"] - model_counts["none"] == (c.num_double + c.num_single) * logits
     forward = program_flops(lambda x, ctx: model(x, ctx, jnp.zeros((b, c.pooled_dim)), jnp.zeros(b),
                                                  jnp.asarray(tr.layout.img_ids()), jnp.zeros((t, 3)), None),
                             jnp.zeros((b, n, c.in_channels)), jnp.zeros((b, t, c.context_dim)))
-    assert 2.8 * forward < counts["none"] < 3.0 * forward, (counts, forward)  # 2.90 here
+    assert 2.8 * forward < model_counts["none"] < 3.0 * forward, (model_counts, forward)  # 2.90 here
     assert 0.7 * forward < counts["full"] - counts["none"] < forward, (counts, forward)  # 0.86: the blocks
     tr.run()
     rows = _metrics(tmp_path / "full")
     assert len(rows) == 3
     for row in rows:
         assert row["tflops_per_sec_per_device"] == pytest.approx(row["steps_per_sec"] * counts["full"] / 1e12, rel=1e-6)
-        assert row["model_tflops_per_sec_per_device"] == pytest.approx(row["steps_per_sec"] * counts["none"] / 1e12, rel=1e-6)
+        assert row["model_tflops_per_sec_per_device"] == pytest.approx(row["steps_per_sec"] * model_counts["full"] / 1e12,
+                                                                        rel=1e-6)
         assert row["mfu"] == pytest.approx(row["model_tflops_per_sec_per_device"] / 2.5, rel=1e-9)
 
 
@@ -166,9 +171,10 @@ def test_mfu_is_logged_only_against_a_known_or_given_peak():
 
 
 def test_counting_flops_does_not_change_the_attention_the_step_runs(monkeypatch):
-    """step_flops traces the step with attention forced to XLA's; nothing of that trace may be
-    reused by the step's own trace (a cached inner trace would run XLA's attention silently), nor
-    the other way round: the CPU's head-by-head kernel runs in the real trace, before and after."""
+    """The model count (step_flops(recompute=False)) traces the step with attention forced to XLA's;
+    nothing of that trace may be reused by the step's own trace (a cached inner trace would run
+    XLA's attention silently), nor the other way round: the CPU's head-by-head kernel runs in the
+    real trace, before and after."""
     from pico_jax.model import attention
     from pico_jax.trainer import make_data
 
@@ -178,12 +184,12 @@ def test_counting_flops_does_not_change_the_attention_the_step_runs(monkeypatch)
     tr = Trainer(micro(mesh="data=1"), "/tmp/unused", progress=False, devices=jax.devices()[:1])
     batch = _device_batch(tr, next(iter(make_data(tr.cfg))))
     args = (tr.trainable, tr.frozen, tr.conditioning, tr.opt_state, tr.ema, batch, jnp.int32(0))
-    first = tr.step_flops(batch)
+    first = tr.step_flops(batch, recompute=False)
     assert not calls
     jax.make_jaxpr(tr._step_body)(*args)
     assert calls
     n = len(calls)
-    assert tr.step_flops(batch) == first and len(calls) == n
+    assert tr.step_flops(batch, recompute=False) == first and len(calls) == n
     jax.make_jaxpr(tr._step_body)(*args)
     assert len(calls) == 2 * n
 

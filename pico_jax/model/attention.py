@@ -156,15 +156,41 @@ def forced_attention(implementation: str) -> Iterator[None]:
         yield
 
 
+_AS_RUN = "as run"  # counted_as_run's setting of _FORCED
+# What counted_as_run traces for each kernel: one whose products are visible in the jaxpr and
+# equal the kernel's. XLA's attention keeps its probabilities for the backward (4 products there);
+# cuDNN's flash backward recomputes the logits first (5), as the headwise kernel's does.
+_COUNTED_AS = {"xla": "xla", "headwise": "headwise", "cudnn": "headwise", "splash": "headwise"}
+
+
+@contextlib.contextmanager
+def counted_as_run() -> Iterator[None]:
+    """Programs traced inside run every fused attention as visible JAX ops doing the products of the
+    kernel that would run there (`_COUNTED_AS`), for counting a program's FLOPs in its jaxpr: a
+    flash kernel's backward recomputes the logits, one more (N, N) product than autodiff's of XLA's
+    attention. Splash's separate dQ kernel recomputes the logits and dP once more (7 backward
+    products); it is counted as flash's 5. JAX's caches are cleared as for `forced_attention`."""
+    with trace_setting(_FORCED, _AS_RUN):
+        yield
+
+
 def attention_implementation(dtype, head_dim: int, num_tokens: int, backend: str | None = None) -> str:
-    """Which exact attention kernel to use: `forced_attention`'s inside one, else the
+    """Which exact attention kernel to use: `forced_attention`'s inside one (`counted_as_run`'s
+    stand-in for the kernel inside that), else the
     PICO_JAX_ATTENTION environment variable if set (xla | cudnn | headwise | splash), else by
     backend: cuDNN flash attention on GPU where it
     applies (bf16/fp16, head_dim a multiple of 8 up to 128), Pallas splash attention on TPU (head_dim
     a multiple of 128, as FLUX's), head-by-head on CPU, XLA otherwise (fp32 on GPU). num_tokens is
     part of the signature for kernels whose choice depends on it."""
+    if _FORCED.get() == _AS_RUN:
+        return _COUNTED_AS[_unforced_implementation(dtype, head_dim, backend)]
     if _FORCED.get() is not None:
         return _FORCED.get()
+    return _unforced_implementation(dtype, head_dim, backend)
+
+
+def _unforced_implementation(dtype, head_dim: int, backend: str | None) -> str:
+    """`attention_implementation` outside `forced_attention` and `counted_as_run`."""
     forced = os.environ.get("PICO_JAX_ATTENTION", "").strip().lower()
     if forced:
         if forced not in ATTENTION_IMPLEMENTATIONS:
