@@ -3,7 +3,9 @@
 512 text tokens), batch 1. Runs at toy size on CPU too (--toy), so it is known to work before a GPU
 is ever lent.
 
-Sections (--sections, comma-separated; default all; each failure is reported and the rest go on):
+Sections (--sections, comma-separated; default all; each failure is reported and the rest go on;
+one that fails with the fused attention kernel, cuDNN's on a GPU, runs once more with XLA's, and
+the summary says which numbers that gave):
   matmul     the measured bf16 matmul rate: jitted jax `x @ y` (8192^2 on GPU; 1024^2 with --toy
              or on CPU), min over repeats; torch's on the same device too, if torch sees it.
              Any section that needs the rate (forward) measures it once, so it is always printed.
@@ -636,6 +638,45 @@ SECTION_FUNCS: dict[str, Callable[[Bench], None]] = {
 }
 
 
+def section_kernel(bench: Bench) -> str:
+    """The attention kernel the sections' programs would run (cudnn on a GPU in bf16)."""
+    from pico_jax.model.attention import attention_implementation
+
+    return attention_implementation(bench.dtype, bench.cfg.head_dim, bench.n_img + bench.args.text)
+
+
+def first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def run_section(bench: Bench, name: str) -> None:
+    """One section; if it fails with a fused attention kernel (cuDNN's has never run in this
+    project), once more with XLA's attention, so that a short device lease still measures it.
+    The fallback is recorded (results[name + "_attention"]) and printed in the summary. Not for
+    the matmul section (no attention) or an out-of-memory error (XLA's attention needs more)."""
+    from pico_jax.model.attention import forced_attention
+
+    kernel = section_kernel(bench)
+    try:
+        SECTION_FUNCS[name](bench)
+        return
+    except Exception as e:
+        if name == "matmul" or kernel == "xla" or out_of_memory(e):
+            raise
+        traceback.print_exc()
+        failure = first_line(e)
+    free_memory()  # outside `except`: the traceback's frames would keep the failed section's arrays alive
+    print(f"{name}: FAILED with {kernel} attention ({failure}); retrying with XLA's attention", flush=True)
+    with forced_attention("xla"):
+        SECTION_FUNCS[name](bench)
+    bench.results[f"{name}_attention"] = f"xla, after {kernel} failed: {failure}"
+
+
 # -------------------------------------------------------------------------------------- main
 def header(bench: Bench) -> None:
     import flax
@@ -688,6 +729,8 @@ def summary(bench: Bench, incomplete: list[str] | None = None) -> None:
         if "lora_mfu" in r:
             rate += f", MFU {r['lora_mfu']:.2%} of the dense bf16 peak"
         print(f"summary: LoRA step (remat={bench.args.remat}) {r['lora_s'] * 1e3:.1f} ms{rate}; {r['lora_memory']}")
+    for key in sorted(k for k in r if k.endswith("_attention")):
+        print(f"summary: {key.removesuffix('_attention')} measured with {r[key]}")
     if incomplete is None:
         incomplete = [s for s in bench.args.sections if s not in bench.ran]
     if incomplete:
@@ -844,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         try:
-            SECTION_FUNCS[name](bench)
+            run_section(bench, name)
             bench.ran.append(name)
         except Exception as e:  # report and go on: one section's failure (OOM, missing package) must not stop the rest
             traceback.print_exc()

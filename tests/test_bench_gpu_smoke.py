@@ -29,10 +29,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(*flags: str) -> subprocess.CompletedProcess:
+def _run(*flags: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--toy", *flags],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True, timeout=600,
     )
 
 
@@ -110,12 +110,18 @@ def test_budget_spent_is_reported_and_fails():
     assert "lora (not started: budget spent)" in summary_line, summary_line
 
 
-def test_budget_groups_put_the_forward_targets_first():
+def _bench_module():
+    """benchmarks/bench_gpu_flux.py imported in this process, for its pure functions."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         import bench_gpu_flux as bench
     finally:
         sys.path.remove(str(SCRIPT.parent))
+    return bench
+
+
+def test_budget_groups_put_the_forward_targets_first():
+    bench = _bench_module()
     args = bench.parse_args(["--toy", "--budget-s", "60"])
     assert bench.budget_groups(args) == [
         (["matmul", "forward", "diffusers"], None),
@@ -130,11 +136,7 @@ def test_budget_groups_put_the_forward_targets_first():
 def test_each_sample_ratio_is_printed_once_across_the_budgeted_processes(capsys):
     """A child that ran one and early prints early/one; the parent, merging that child's results
     with the full-sample child's, prints only what neither child could: full/one."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_gpu_flux as bench
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    bench = _bench_module()
     args = bench.parse_args(["--toy", "--steps", "4", "--seeds", "8"])
     child = bench.Bench(args, None, None, results={"sample_one_s": 2.0, "sample_early_s": 3.0})
     bench.report_sample_ratios(child)
@@ -143,3 +145,60 @@ def test_each_sample_ratio_is_printed_once_across_the_budgeted_processes(capsys)
     bench.report_sample_ratios(parent)
     out = capsys.readouterr().out
     assert "early/one" not in out and "full/one = 8.00" in out
+
+
+def test_a_section_failing_with_the_fused_attention_is_measured_with_xlas(monkeypatch, capsys):
+    """cuDNN's attention has never run here: a section that fails with it runs once more with XLA's
+    attention (forced, so its kernel line and FLOP count say xla), and the summary names the
+    fallback. An out-of-memory failure, or one under XLA's attention too, is not retried away."""
+    import jax.numpy as jnp
+
+    from pico_jax.model.attention import attention_implementation
+
+    bench = _bench_module()
+    state = bench.Bench(bench.parse_args(["--toy"]), bench.toy_config(), jnp.dtype(jnp.bfloat16))
+    monkeypatch.setattr(bench, "section_kernel", lambda _: "cudnn")
+    seen = []
+
+    def fails_unless_xla(message):
+        def section(b):
+            kernel = attention_implementation(b.dtype, b.cfg.head_dim, 16)
+            seen.append(kernel)
+            if kernel != "xla":
+                raise RuntimeError(message)
+            b.results["forward_s"] = 1.0
+        return section
+
+    monkeypatch.setitem(bench.SECTION_FUNCS, "forward", fails_unless_xla("cuDNN: no kernel for this graph\ndetails"))
+    bench.run_section(state, "forward")
+    assert seen == ["headwise", "xla"]  # the CPU's kernel stands in for cuDNN, then the forced XLA one
+    assert state.results["forward_attention"] == "xla, after cudnn failed: RuntimeError: cuDNN: no kernel for this graph"
+    out = capsys.readouterr().out
+    assert "forward: FAILED with cudnn attention (RuntimeError: cuDNN: no kernel for this graph); retrying" in out
+    bench.summary(state)
+    assert "summary: forward measured with xla, after cudnn failed" in capsys.readouterr().out
+
+    seen.clear()
+    monkeypatch.setitem(bench.SECTION_FUNCS, "lora", fails_unless_xla("RESOURCE_EXHAUSTED: out of memory"))
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        bench.run_section(state, "lora")
+    assert seen == ["headwise"] and "lora_attention" not in state.results
+
+    def always_fails(b):
+        raise ValueError("broken either way")
+
+    monkeypatch.setitem(bench.SECTION_FUNCS, "sample", always_fails)
+    with pytest.raises(ValueError, match="broken either way"):
+        bench.run_section(state, "sample")
+    assert "sample_attention" not in state.results
+
+
+def test_cudnn_failing_for_real_still_gives_the_forward_numbers():
+    """On a CPU, forcing cuDNN's attention (PICO_JAX_ATTENTION=cudnn) fails as a broken cuDNN would
+    on a GPU: the forward is measured with XLA's attention, and the run says so and succeeds."""
+    proc = _run("--sections", "forward", PICO_JAX_ATTENTION="cudnn")
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{proc.stderr[-4000:]}"
+    assert "forward: FAILED with cudnn attention (" in out and "retrying with XLA's attention" in out
+    assert re.search(r"^forward: [0-9.]+ ms .*attention kernel: xla;", out, re.MULTILINE), out
+    assert "summary: forward measured with xla, after cudnn failed: " in out

@@ -106,3 +106,5 @@ def test_the_device_count_has_the_attention_kernels_recomputed_logits(platform, 
         device, model = program_flops(grad, *qkv), program_flops(grad, *qkv, recompute=False)
     assert model == 6 * product
     assert device == (7 if kernel_recomputes else 6) * product
+    with traced_for(platform), forced_attention("xla"):  # what runs, e.g. bench_gpu_flux's fallback
+        assert program_flops(grad, *qkv) == 6 * product

@@ -169,8 +169,10 @@ def counted_as_run() -> Iterator[None]:
     kernel that would run there (`_COUNTED_AS`), for counting a program's FLOPs in its jaxpr: a
     flash kernel's backward recomputes the logits, one more (N, N) product than autodiff's of XLA's
     attention. Splash's separate dQ kernel recomputes the logits and dP once more (7 backward
-    products); it is counted as flash's 5. JAX's caches are cleared as for `forced_attention`."""
-    with trace_setting(_FORCED, _AS_RUN):
+    products); it is counted as flash's 5. Inside `forced_attention`, the forced kernel is the one
+    that runs, so it is counted as that. JAX's caches are cleared as for `forced_attention`."""
+    outer = _FORCED.get()
+    with trace_setting(_FORCED, _AS_RUN if outer in (None, _AS_RUN) else _COUNTED_AS[outer]):
         yield
 
 
