@@ -37,9 +37,13 @@ def _run(*flags: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def _run_toy() -> str:
-    proc = _run("--repeat", "2", "--steps", "3", "--seeds", "2", "--peak-tflops", "0.5")  # a CPU has no data sheet
+    proc = _run("--repeat", "2", "--steps", "3", "--seeds", "2", "--peak-tflops", "0.5",  # a CPU has no data sheet
+                JAX_LOG_COMPILES="1")
     out = proc.stdout
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{proc.stderr[-4000:]}"
+    # The forward and diffusers sections share one compiled forward: compiling full-size FLUX.1-dev
+    # twice would spend a short GPU lease's time twice.
+    assert proc.stderr.count("Compiling jit(fwd)") == 1, proc.stderr[-4000:]
     return out
 
 
