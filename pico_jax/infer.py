@@ -70,6 +70,9 @@ examples:
   # the same on 8 GPUs: each batch of 16 split 2 queries per device
   python infer.py --manifest triples.jsonl --out out/ --batch-size 16 --mesh data=8
 
+  # where the time goes: a jax.profiler trace of the second batch (TensorBoard, XProf, Perfetto)
+  python infer.py --manifest triples.jsonl --out out/ --batch-size 16 --profile prof/
+
   # on 2 hosts of 8 GPUs: the same command on each (i = 0, 1); only host 0 writes out/
   JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=$i \\
       python infer.py --manifest triples.jsonl --out out/ --batch-size 32 --mesh data=16
@@ -114,7 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-candidates", action="store_true", help="also write OUT/<query>_cand<i>.png for the kept seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile-cache", metavar="DIR", help=COMPILE_CACHE_HELP)
+    p.add_argument("--profile", metavar="DIR",
+                   help="write a jax.profiler trace of one batch to DIR: the second (the first compiles), or the "
+                        "only one; for TensorBoard's profile plugin, XProf or Perfetto (the .trace.json.gz)")
     return p
+
+
+def profiled_batch(num_batches: int) -> int:
+    """Which batch `--profile` traces: the second, since the first also compiles; the only one if one."""
+    return 1 if num_batches > 1 else 0
+
+
+def throughput_line(batch_seconds: list[float], batch_sizes: list[int]) -> str:
+    """' (T s)', and with more than one batch the rate after the first, which compiles."""
+    line = f" ({sum(batch_seconds):.1f} s"
+    if len(batch_seconds) > 1:
+        rest = sum(batch_seconds[1:])
+        line += (f"; {batch_seconds[0]:.1f} s for the first batch, which compiles, then "
+                 f"{sum(batch_sizes[1:]) / rest:.3g} queries/s")
+    return line + ")"
 
 
 class InputError(ValueError):
@@ -231,6 +252,8 @@ def check_numbers(args):
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1 (got {v})")
     if not 0 <= args.seed < 2**31:  # seeds are uint32 keys: a negative one crashed np.arange(..., uint32)
         raise InputError(f"--seed must be in 0..2**31-1 (got {args.seed})")
+    if args.profile and Path(args.profile).exists() and not Path(args.profile).is_dir():
+        raise InputError(f"--profile {args.profile} is a file, not a directory")
 
 
 def write_json_atomic(obj, path: Path):
@@ -255,15 +278,16 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     enable_compile_cache(args.compile_cache, prog="infer.py")
+    import jax
+
     from pico_jax import grid
     from pico_jax.imageio import ImageError, load_image, save_png_atomic
+    from pico_jax.profiling import StepProfiler
     from pico_jax.safetensors_io import CheckpointError
     from pico_jax.scorer import scorer_from_name
 
     mesh, writer = None, True
     if args.mesh:  # before minutes of loading
-        import jax
-
         from pico_jax.parallel import MeshError, mesh_for_cli
 
         try:
@@ -310,11 +334,17 @@ def main(argv=None) -> int:
         return cache[path]
 
     report = {"checkpoint": str(args.checkpoint or "bundled pico-tiny"), "plan": dataclasses.asdict(plan), "queries": {}}
+    starts = range(0, len(rows), args.batch_size)
+    profiler = StepProfiler(Path(args.profile), profiled_batch(len(starts)), 1) if args.profile else None
+    batch_seconds: list[float] = []
     bar = tqdm(total=len(rows), unit="query", disable=args.no_progress, desc="painting B'")
     t0 = time.time()
     try:
-        for start in range(0, len(rows), args.batch_size):
+        for index, start in enumerate(starts):
             chunk = rows[start : start + args.batch_size]
+            t_batch = time.perf_counter()
+            if profiler:
+                profiler.before(index)
             try:
                 canvases = [
                     grid.compose(image(r["exemplar"]), image(r["exemplar_out"]), image(r["query"]),
@@ -323,7 +353,10 @@ def main(argv=None) -> int:
                 ]
             except (ImageError, ValueError) as e:
                 raise InputError(str(e)) from e
-            results = pipe.run_canvases(canvases, plan, seed=args.seed)
+            with jax.profiler.StepTraceAnnotation("infer", step_num=index):
+                results = pipe.run_canvases(canvases, plan, seed=args.seed)  # on the host: the batch is done
+            if profiler:
+                profiler.after(index, None)
             for r, res in zip(chunk, results if writer else ()):
                 files = [(res.image, out / f"{r['name']}.png"), (res.canvas, out / f"{r['name']}_grid.png")]
                 if args.save_candidates:
@@ -346,6 +379,7 @@ def main(argv=None) -> int:
                 if plan.ensemble:
                     report["queries"][r["name"]]["ensembled_seeds"] = res.candidate_seeds
             bar.update(len(chunk))
+            batch_seconds.append(time.perf_counter() - t_batch)
             cache.clear()
     except InputError as e:
         bar.close()
@@ -356,12 +390,18 @@ def main(argv=None) -> int:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 1
     finally:
+        if profiler:
+            profiler.stop()  # a run that failed mid-trace still closes it
         if report["queries"]:  # only the writer has any
             report["seconds"] = round(time.time() - t0, 3)
             write_json_atomic(report, out / "scores.json")
     bar.close()
     if writer:
-        print(f"wrote {len(rows)} result(s) to {out}/ ({time.time() - t0:.1f} s)")
+        print(f"wrote {len(rows)} result(s) to {out}/{throughput_line(batch_seconds, [len(rows[i:i + args.batch_size]) for i in starts])}")
+        if profiler:
+            i = profiled_batch(len(starts))
+            print(f"profile: batch {i + 1} of {len(starts)}{' (its compile included)' if len(starts) == 1 else ''} "
+                  f"traced to {profiler.directory}/")
     return 0
 
 

@@ -37,6 +37,7 @@ from pico_jax.pipeline import (
     fill_condition,
     fill_in_channels,
 )
+from pico_jax.profiling import StepProfiler
 from pico_jax.safetensors_io import CheckpointError
 
 
@@ -645,7 +646,7 @@ class Trainer:
         # while it does. Before anything is written (log row, checkpoint, sample sheet) the
         # pending loss is read, so a non-finite loss still stops the run before it is saved.
         unread = None
-        profiler = _StepProfiler(self.workdir / "profile", cfg.profile_start_step, cfg.profile_steps)
+        profiler = StepProfiler(self.workdir / "profile", cfg.profile_start_step, cfg.profile_steps)
         flops_per_step = None  # counted once, on the first batch (a trace, no compile)
 
         def read_loss() -> float:
@@ -726,32 +727,6 @@ class Trainer:
         if status == "finished" and sample_batch is not None:
             self.save_samples(sample_batch, self.workdir / "samples" / f"step_{self.step:06d}.png")
         return {"status": status, "step": self.step}
-
-
-class _StepProfiler:
-    """Traces the steps [start, start + count) with jax.profiler into `directory` (on a multi-host
-    run each process into its own process_<i>/, as the trace files are named by host)."""
-
-    def __init__(self, directory: Path, start: int, count: int):
-        if jax.process_count() > 1:
-            directory = directory / f"process_{jax.process_index()}"
-        self.directory, self.start, self.end, self.tracing = directory, start, start + count, False
-
-    def before(self, step: int) -> None:
-        if step == self.start:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.directory))
-            self.tracing = True
-
-    def after(self, step: int, outputs) -> None:
-        if self.tracing and step == self.end - 1:
-            jax.block_until_ready(outputs)  # the trace must hold the last step's device work
-            self.stop()
-
-    def stop(self) -> None:
-        if self.tracing:
-            self.tracing = False
-            jax.profiler.stop_trace()
 
 
 def _first_of_global_batch(host: dict, n: int) -> dict:

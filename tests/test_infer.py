@@ -4,6 +4,7 @@ bad input, and no partial or temporary files after a failure."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -93,6 +94,33 @@ def test_writes_outputs_at_query_size_and_scores(tmp_path, imgs, checkpoint, cap
     assert not _no_temp(out)
 
 
+def test_profile_traces_the_second_batch_and_the_rate_leaves_out_the_first(tmp_path, imgs, checkpoint, capsys):
+    """--profile: one jax.profiler trace, of the second batch only (the first compiles), and the
+    summary line gives the time of the first batch and the rate of the others."""
+    import gzip
+
+    out, prof = tmp_path / "out", tmp_path / "prof"
+    rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
+               "--query", imgs["b2"], "--query", imgs["b"], "--batch-size", "1", "--out", str(out),
+               "--profile", str(prof), "--no-progress"])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    (trace,) = prof.rglob("*.trace.json.gz")
+    events = json.load(gzip.open(trace))["traceEvents"]
+    assert [int(e["args"]["step_num"]) for e in events if e.get("name") == "infer"] == [1]
+    assert "profile: batch 2 of 3 traced to" in stdout
+    assert re.search(r"wrote 3 result\(s\) .* s for the first batch, which compiles, then [0-9.e+-]+ queries/s", stdout)
+
+
+def test_throughput_line():
+    from pico_jax.infer import profiled_batch, throughput_line
+
+    assert throughput_line([2.0], [4]) == " (2.0 s)"
+    assert throughput_line([3.0, 1.0, 1.0], [4, 4, 2]) == \
+        " (5.0 s; 3.0 s for the first batch, which compiles, then 3 queries/s)"
+    assert (profiled_batch(1), profiled_batch(2), profiled_batch(9)) == (0, 1, 1)
+
+
 def test_manifest_relative_paths_and_unique_names(tmp_path, imgs, checkpoint, monkeypatch, capsys):
     mdir = tmp_path / "in"  # manifest next to the images, paths relative to it
     rows = [
@@ -163,13 +191,15 @@ def _bad_inputs(tmp_path, imgs, checkpoint):
         "mesh too big": (ck + ex + ["--query", imgs["b"], "--mesh", "data=3"], ["data", "does not divide"]),
         "batch vs mesh": (ck + ex + ["--query", imgs["b"], "--mesh", "data=8", "--batch-size", "4"],
                           ["--batch-size 4", "data x fsdp = 8", "--mesh data=8"]),
+        "profile to a file": (ck + ex + ["--query", imgs["b"], "--profile", imgs["a"]], ["--profile", "a.png", "a file"]),
     }
 
 
 CASES = ["missing image", "missing exemplar", "non-image", "empty file", "bad json line", "missing key",
          "not an object", "missing manifest", "path in name", "seeds 0", "negative seed", "keep > seeds", "score steps > steps", "unknown scorer",
          "ensemble of one",
-         "manifest and query", "no query", "not a checkpoint", "bad mesh", "mesh too big", "batch vs mesh"]
+         "manifest and query", "no query", "not a checkpoint", "bad mesh", "mesh too big", "batch vs mesh",
+         "profile to a file"]
 
 
 @pytest.mark.parametrize("case", CASES)

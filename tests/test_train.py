@@ -196,12 +196,12 @@ def test_counting_flops_does_not_change_the_attention_the_step_runs(monkeypatch)
 
 def test_each_process_of_a_multi_host_run_profiles_into_its_own_folder(tmp_path, monkeypatch):
     """jax.profiler names its files by host, so two processes on one host would write the same file."""
-    from pico_jax.trainer import _StepProfiler
+    from pico_jax.profiling import StepProfiler
 
-    assert _StepProfiler(tmp_path, 2, 3).directory == tmp_path
+    assert StepProfiler(tmp_path, 2, 3).directory == tmp_path
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    profiler = _StepProfiler(tmp_path, 2, 3)
+    profiler = StepProfiler(tmp_path, 2, 3)
     assert profiler.directory == tmp_path / "process_1" and (profiler.start, profiler.end) == (2, 5)
 
 
