@@ -35,6 +35,8 @@ examples:
   # a global batch of 32 at 1024^2 in the memory of 8 (4 micro-batches of 1 per device on fsdp=8)
   python train.py --config configs/flux_dev_lora.py --workdir runs/lora --mesh fsdp=8 \\
       --batch-size 32 --grad-accum-steps 4 --set base_checkpoint=...
+  # more input threads for a many-core host (benchmarks/bench_data.py says whether a step waits)
+  python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set data_threads=16
   # multi-host: run the same command on every host (jax.distributed is initialized from the
   # environment: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM or Open MPI,
   # or PICO_MULTIHOST=1 on TPU pods); e.g. on host i of 2:

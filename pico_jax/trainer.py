@@ -82,6 +82,10 @@ class TrainConfig:
     # data
     data: dict = dataclasses.field(default_factory=lambda: {"kind": "procedural", "families": "train"})
     augment: bool = True
+    # Threads per host reading and augmenting examples (grain's read threads; the batches do not
+    # depend on it). Procedural 512-px episodes scale with cores (benchmarks/bench_data.py: 9.6
+    # examples/s on one thread, 16.5 on two): raise it on a many-core host that feeds fast steps.
+    data_threads: int = 4
     # parallelism / bookkeeping
     mesh: str | None = None
     remat: str = "none"
@@ -401,10 +405,16 @@ def make_data(cfg: TrainConfig, shard_index=None, shard_count=None):
         source = load_visrel(cfg.data["data_dir"], cfg.data.get("name"))
     else:
         raise ValueError(f"data.kind must be 'procedural' or 'visrel' (got {kind!r})")
+    check_data_threads(cfg)
     return make_dataset(
         source, batch_size=per_host, seed=cfg.seed, image_size=cfg.panel, augment=cfg.augment,
-        shard_index=shard_index, shard_count=shard_count,
+        shard_index=shard_index, shard_count=shard_count, num_threads=cfg.data_threads,
     )
+
+
+def check_data_threads(cfg: TrainConfig) -> None:
+    if cfg.data_threads < 1:
+        raise ValueError(f"data_threads must be >= 1 (got {cfg.data_threads})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,6 +458,7 @@ class Trainer:
         check_gather_weights(cfg.sample_gather_weights, "sample_gather_weights")
         if cfg.profile_steps < 1:
             raise ValueError(f"profile_steps must be >= 1 (got {cfg.profile_steps})")
+        check_data_threads(cfg)
         if cfg.grad_accum_steps < 1 or cfg.batch_size % (cfg.grad_accum_steps * dp):
             raise ValueError(f"grad_accum_steps {cfg.grad_accum_steps}: batch_size {cfg.batch_size} must split into that many "
                              f"micro-batches, each divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")

@@ -179,3 +179,22 @@ def test_bench_text_encoders_rejects_bad_sizes():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_text_encoders.py"), "--layers", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--layers must be at least 1 (got 0)" in proc.stderr
+
+
+def _run_data(*flags: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_data.py"), *flags],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_bench_data_times_each_thread_count_against_the_step():
+    proc = _run_data("--config", "configs/tiny.py", "--threads", "1,2", "--batches", "2", "--step-s", "1e6")
+    out = proc.stdout
+    assert proc.returncode == 0, f"{out}\n{proc.stderr[-4000:]}"
+    assert re.search(r"^data: procedural, panel 16 .* batch 8 per host \(global 8 over 1\)", out, re.MULTILINE), out
+    for threads in (1, 2):
+        rate = _number(rf"^data_threads {threads}: [0-9]+ ms per batch = ([0-9.]+) examples/s", out)
+        assert rate > 0
+    assert out.count("needs 0.0/s: keeps up") == 2
+    bad = _run_data("--config", "configs/tiny.py", "--threads", "two")
+    assert bad.returncode == 2 and "--threads 'two'" in bad.stderr

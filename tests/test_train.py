@@ -103,6 +103,21 @@ def test_grad_accum_steps_must_split_the_batch_evenly(k):
         Trainer(micro(mesh="data=1", grad_accum_steps=k), "/tmp/unused", progress=False, devices=jax.devices()[:1])
 
 
+def test_data_threads_change_the_speed_not_the_batches():
+    """More read threads (TrainConfig.data_threads) deliver the same batches in the same order,
+    augmentation included, so a run resumes the same whatever it is set to; 0 is refused."""
+    from pico_jax.trainer import make_data
+
+    one, three = (iter(make_data(micro(data_threads=t, augment=True), shard_index=0, shard_count=1)) for t in (1, 3))
+    for _ in range(3):
+        a, b = next(one), next(three)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="data_threads must be >= 1"):
+        Trainer(micro(data_threads=0), "/tmp/unused", progress=False, devices=jax.devices()[:1])
+
+
 def test_profile_traces_exactly_the_asked_steps(tmp_path):
     """profile_start_step=2, profile_steps=2: one jax.profiler trace in DIR/profile whose step
     annotations are steps 2 and 3, and the run goes on to the end."""
