@@ -108,12 +108,19 @@ def test_data_threads_change_the_speed_not_the_batches():
     augmentation included, so a run resumes the same whatever it is set to; 0 is refused."""
     from pico_jax.trainer import make_data
 
-    one, three = (iter(make_data(micro(data_threads=t, augment=True), shard_index=0, shard_count=1)) for t in (1, 3))
+    from pico_jax.data.input_pipeline import state_from_bytes, state_to_bytes
+
+    data = lambda t: iter(make_data(micro(data_threads=t, augment=True), shard_index=0, shard_count=1))  # noqa: E731
+    one, three = data(1), data(3)
     for _ in range(3):
         a, b = next(one), next(three)
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+    resumed = state_from_bytes(data(2), state_to_bytes(one))  # a checkpoint's position, another thread count
+    a, b = next(resumed), next(three)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
     with pytest.raises(ValueError, match="data_threads must be >= 1"):
         Trainer(micro(data_threads=0), "/tmp/unused", progress=False, devices=jax.devices()[:1])
 
