@@ -26,7 +26,10 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
+    # The suite's other XLA flags (conftest's code-generation level) with this job's device count.
+    inherited = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    env.update(XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *inherited]),
+               JAX_PLATFORMS="cpu", **extra)
     return env
 
 
