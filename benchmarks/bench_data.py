@@ -52,14 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_config(args: argparse.Namespace):
-    from pico_jax.train_cli import load_config_file
+    from pico_jax.train_cli import load_config_file, parse_set_flags
     from pico_jax.trainer import apply_overrides
 
     cfg = load_config_file(args.config)
-    overrides = dict(kv.split("=", 1) for kv in args.set if "=" in kv)
-    bad = [kv for kv in args.set if "=" not in kv]
-    if bad:
-        raise SystemExit(f"bench_data.py: error: --set {bad[0]!r}: expected KEY=VALUE")
+    try:
+        overrides = parse_set_flags(args.set)
+    except ValueError as e:
+        raise SystemExit(f"bench_data.py: error: {e}")
     if "data" not in overrides and cfg.data.get("kind") == "visrel" and not os.path.isdir(cfg.data.get("data_dir", "")):
         print(f"note: {cfg.data['data_dir']} is not here; timing procedural episodes instead", flush=True)
         overrides["data"] = '{"kind": "procedural"}'

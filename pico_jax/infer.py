@@ -337,6 +337,7 @@ def main(argv=None) -> int:
     starts = range(0, len(rows), args.batch_size)
     profiler = StepProfiler(Path(args.profile), profiled_batch(len(starts)), 1) if args.profile else None
     batch_seconds: list[float] = []
+    batch_sizes: list[int] = []
     bar = tqdm(total=len(rows), unit="query", disable=args.no_progress, desc="painting B'")
     t0 = time.time()
     try:
@@ -380,6 +381,7 @@ def main(argv=None) -> int:
                     report["queries"][r["name"]]["ensembled_seeds"] = res.candidate_seeds
             bar.update(len(chunk))
             batch_seconds.append(time.perf_counter() - t_batch)
+            batch_sizes.append(len(chunk))
             cache.clear()
     except InputError as e:
         bar.close()
@@ -397,7 +399,7 @@ def main(argv=None) -> int:
             write_json_atomic(report, out / "scores.json")
     bar.close()
     if writer:
-        print(f"wrote {len(rows)} result(s) to {out}/{throughput_line(batch_seconds, [len(rows[i:i + args.batch_size]) for i in starts])}")
+        print(f"wrote {len(rows)} result(s) to {out}/{throughput_line(batch_seconds, batch_sizes)}")
         if profiler:
             i = profiled_batch(len(starts))
             print(f"profile: batch {i + 1} of {len(starts)}{' (its compile included)' if len(starts) == 1 else ''} "

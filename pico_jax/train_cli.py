@@ -82,6 +82,17 @@ def load_config_file(path: str):
     return module.get_config()
 
 
+def parse_set_flags(pairs: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` flags as {key: raw value} (apply_overrides types them); ValueError names a bad one."""
+    overrides = {}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ValueError(f"--set {kv!r}: expected KEY=VALUE")
+        overrides[k.strip()] = v
+    return overrides
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from pico_jax.parallel import MeshError, maybe_initialize_distributed
@@ -91,13 +102,11 @@ def main(argv=None) -> int:
     from pico_jax.trainer import NonFiniteLoss, Trainer, apply_overrides
 
     cfg = load_config_file(args.config)
-    overrides = {}
-    for kv in args.set:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            print(f"train.py: error: --set {kv!r}: expected KEY=VALUE", file=sys.stderr)
-            return 2
-        overrides[k.strip()] = v
+    try:
+        overrides = parse_set_flags(args.set)
+    except ValueError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     for flag, key in (("steps", "steps"), ("batch_size", "batch_size"), ("grad_accum_steps", "grad_accum_steps"),
                       ("lr", "lr"), ("mesh", "mesh"), ("lora_rank", "lora_rank"), ("profile", "profile_start_step")):
         if getattr(args, flag) is not None:
