@@ -27,6 +27,12 @@ between steps and the temporaries what a step adds.
 
     python benchmarks/bench_compile.py --step train --batch 8 --rank 32 --mesh fsdp=8
 
+--remat auto (--step train): the step compiled with remat none, dots and full in turn, each one's
+planned peak per device, and the policy `TrainConfig(remat="auto")` would run on devices of each
+--device-memory-gib (the first in that order within 90 % of it).
+
+    python benchmarks/bench_compile.py --step train --batch 8 --rank 32 --mesh data=8 --remat auto
+
 --platform cuda / tpu: the same programs traced for a GPU / TPU (cuDNN flash / Pallas splash
 attention, none of the CPU work-arounds) and lowered for it on this host, without compiling:
 a check that what a device would run traces, shards and lowers, before device time is spent.
@@ -54,8 +60,13 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--step", choices=("forward", "lora", "sample", "train"), default="forward",
                     help="what to compile (see above)")
-    ap.add_argument("--remat", choices=("full", "dots", "nothing", "none"), default="full",
-                    help="FluxConfig.remat of the layer stacks (default full)")
+    ap.add_argument("--remat", choices=("full", "dots", "nothing", "none", "auto"), default="full",
+                    help="FluxConfig.remat of the layer stacks (default full); auto, with --step train: each of "
+                         "none, dots, full, and which the trainer's remat='auto' would pick (see above)")
+    ap.add_argument("--device-memory-gib", type=float, nargs="+", default=[59.7, 75.7], metavar="GIB",
+                    help="--remat auto: device limits to choose for, GiB (default 59.7 75.7: an 80 GB H100's "
+                         "79.65 GiB under JAX's default preallocation of 75 %%, and with "
+                         "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank for --step lora and --step train")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="--step train: the --batch canvases in this many micro-batches (TrainConfig.grad_accum_steps)")
@@ -85,12 +96,44 @@ def main(argv=None):
                     help="for --platform cuda on a host without cuDNN: the version JAX's cuDNN attention checks "
                          "its features against (default 91000 = 9.10; ignored where cuDNN is installed)")
     args = ap.parse_args(argv)
+    if args.remat == "auto":
+        if args.step != "train" or args.platform != "cpu":
+            ap.error("--remat auto needs --step train and --platform cpu (it compiles each policy)")
+        return _auto_remat(args)
+    measure(args)
 
+
+def _auto_remat(args) -> None:
+    """--remat auto: every policy of REMAT_AUTO_ORDER measured, then the trainer's choice per limit."""
+    from pico_jax.memory import GiB
+    from pico_jax.trainer import REMAT_AUTO_HEADROOM, REMAT_AUTO_ORDER, choose_remat
+
+    plans = {}
+    for policy in REMAT_AUTO_ORDER:
+        plans[policy] = measure(_with(args, remat=policy))
+    for gib in args.device_memory_gib:
+        budget = REMAT_AUTO_HEADROOM * gib * GiB
+        chosen = choose_remat(plans, budget)
+        print(f"remat auto on {gib:g} GiB per device (budget {budget / GiB:.1f} GiB): "
+              + (chosen if chosen else f"none fits; it would run the smallest, {min(plans, key=plans.get)}"))
+
+
+def _with(args, **changes):
+    new = argparse.Namespace(**vars(args))
+    for k, v in changes.items():
+        setattr(new, k, v)
+    return new
+
+
+def measure(args) -> int:
+    """Compile (or with --platform cuda/tpu, lower) the program `args` name and print what it
+    costs; returns the compiled program's planned peak bytes per device (0 when only lowered)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from pico_jax.flops import program_flops
+    from pico_jax.memory import planned_peak_bytes
     from pico_jax.model.flux import FluxConfig, abstract_model, count_params
     from pico_jax.model.lora import add_lora
     from pico_jax.parallel import (MeshError, batch_sharding, check_batch_size, collective_bytes, make_mesh, on_mesh,
@@ -144,7 +187,8 @@ def main(argv=None):
         what = f"LoRA gradient (rank {args.rank}, {count_params(lora) / 1e6:.1f} M trainable)"
         n_params = count_params(lora) + count_params(base)
     if args.platform != "cpu":
-        return _lower_for_platform(args, fn, operands, mesh, what, n_params, cfg)
+        _lower_for_platform(args, fn, operands, mesh, what, n_params, cfg)
+        return 0
     unmeshed = fn  # for the FLOP count: jax.set_mesh cannot run inside make_jaxpr, and it moves no FLOPs
     if not args.no_gather:  # traced under the mesh: each scanned layer gathers its weights over 'fsdp'
         fn = on_mesh(fn, mesh)
@@ -160,7 +204,9 @@ def main(argv=None):
     print(f"mesh {dict(mesh.shape)} on {len(jax.devices())} simulated {jax.devices()[0].platform} devices")
     target_note = " (target: < 60 s)" if args.step == "forward" else ""
     print(f"  abstract model {t_trace:.1f} s, lower {t_lower:.1f} s, compile {t_compile:.1f} s{target_note}")
-    print(f"  per device: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB")
+    peak = planned_peak_bytes(compiled)
+    print(f"  per device: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB; "
+          f"planned peak {peak / 2**30:.2f} GiB (arguments + outputs not written in place + temporaries + code)")
     flops = program_flops(unmeshed, *operands)
     print(f"  matmul + conv FLOPs per call (jaxpr count, attention as its kernel's products): {flops / 1e12:,.1f} TFLOP, "
           f"{flops / mesh.size / 1e12:,.1f} per device")
@@ -173,6 +219,7 @@ def main(argv=None):
     parts = ", ".join(f"{kind} {n / 2**30:.2f} GiB" for kind, n in sorted(moved.items()) if n) or "none"
     print(f"  collectives per device per call (result bytes; XLA's plan{', no fsdp gather' if args.no_gather else ''}): "
           f"{parts}" + (f" ({unknown} loop(s) of unknown trip count counted once)" if unknown else ""))
+    return peak
 
 
 def _lower_for_platform(args, fn, operands, mesh, what, n_params, cfg) -> None:

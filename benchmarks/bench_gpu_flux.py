@@ -46,7 +46,8 @@ diffusers reuses the forward's weights), (2) sample one,early (the early/one tar
 (alone, so the device's peak memory is the step's), (4) sample full. What ran is printed as it
 runs, and the summary says which groups did not fit; --results-json (written after every section,
 so a killed run keeps what it measured) has every number. If device time is left (`status`), a
-second call can take what did not fit (e.g. --sections lora --remat dots, or --sample-modes full).
+second call can take what did not fit (e.g. --sections lora --remat none, what the trainer's
+remat="auto" runs where it fits, against the default full; or --sample-modes full).
 Without --budget-s every section runs in this one process, in the order listed above.
 
 Before a GPU is lent (every section, tiny, on CPU; tests/test_bench_gpu_smoke.py runs this):

@@ -35,6 +35,11 @@ examples:
   # a global batch of 32 at 1024^2 in the memory of 8 (4 micro-batches of 1 per device on fsdp=8)
   python train.py --config configs/flux_dev_lora.py --workdir runs/lora --mesh fsdp=8 \\
       --batch-size 32 --grad-accum-steps 4 --set base_checkpoint=...
+  # remat: the paper config's "auto" compiles the step with remat none, then dots, then full, and
+  # runs the first that XLA plans within 90 % of each device's memory; name one to force it, or
+  # give the memory to plan against (a shared GPU, or JAX's pool raised: XLA_PYTHON_CLIENT_MEM_FRACTION)
+  python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set remat=full
+  python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set device_memory_gib=40
   # more input threads for a many-core host (benchmarks/bench_data.py says whether a step waits)
   python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set data_threads=16
   # multi-host: run the same command on every host (jax.distributed is initialized from the

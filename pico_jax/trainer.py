@@ -88,7 +88,15 @@ class TrainConfig:
     data_threads: int = 4
     # parallelism / bookkeeping
     mesh: str | None = None
+    # How the layer stacks trade memory for recomputation (FluxConfig.remat): "none" keeps every
+    # activation, "dots" recomputes all but the products, "full" recomputes each block in the
+    # backward (~1/3 more work). "auto": the least recomputation whose compiled step fits the
+    # devices' memory by XLA's own plan (`REMAT_AUTO_ORDER`, within REMAT_AUTO_HEADROOM of it), found
+    # by compiling before the first step; the compiled program it picks is the one that runs.
     remat: str = "none"
+    # The memory per device remat="auto" plans against, GiB. 0: each device's own (its allocator's
+    # limit on GPU/TPU; on CPU the host's RAM over its devices), the smallest over all processes.
+    device_memory_gib: float = 0.0
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 200
@@ -219,13 +227,15 @@ def config_dtype(cfg: TrainConfig, key: str) -> jnp.dtype:
 def build_model(cfg: TrainConfig, place=None) -> FluxTransformer:
     dtype, master = config_dtype(cfg, "dtype"), config_dtype(cfg, "master_dtype")
     base_dtype = dtype if cfg.lora_rank > 0 else master  # the base is what is trained in full fine-tuning
+    remat = check_remat(cfg)
+    remat = "none" if remat == "auto" else remat  # auto builds each candidate's step from this model
     if cfg.base_checkpoint:
         from pico_jax.convert import load_flux_transformer
 
         model = load_flux_transformer(cfg.base_checkpoint, dtype=dtype, param_dtype=base_dtype, place=place,
-                                      remat=cfg.remat)
+                                      remat=remat)
     else:
-        model = FluxTransformer(cfg.model.replace(remat=cfg.remat), rngs=nnx.Rngs(cfg.seed), dtype=dtype,
+        model = FluxTransformer(cfg.model.replace(remat=remat), rngs=nnx.Rngs(cfg.seed), dtype=dtype,
                                 param_dtype=base_dtype)
         if cfg.prediction == "x0_residual":
             # Zero output = "B' is B": a fresh residual model starts exactly at the copy-B baseline
@@ -237,6 +247,28 @@ def build_model(cfg: TrainConfig, place=None) -> FluxTransformer:
 
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, rngs=nnx.Rngs(cfg.seed + 1), dtype=master)
     return model
+
+
+REMAT_POLICIES = ("none", "dots", "full", "nothing")
+# remat="auto" tries these in order, least recomputation first, and takes the first that fits.
+REMAT_AUTO_ORDER = ("none", "dots", "full")
+# Of a device's memory, what auto lets XLA's plan fill: the rest for the allocator's
+# fragmentation and the buffers outside the step (the next batch, the loss being read).
+REMAT_AUTO_HEADROOM = 0.9
+
+
+def check_remat(cfg: TrainConfig) -> str:
+    if cfg.remat not in (*REMAT_POLICIES, "auto"):
+        raise ValueError(f"remat: expected one of {', '.join(REMAT_POLICIES)} or auto (got {cfg.remat!r})")
+    if cfg.device_memory_gib < 0:
+        raise ValueError(f"device_memory_gib must be > 0, or 0 for the devices' own (got {cfg.device_memory_gib})")
+    return cfg.remat
+
+
+def choose_remat(plans: dict[str, int | None], budget: float) -> str | None:
+    """The first policy of REMAT_AUTO_ORDER among `plans` (policy → planned bytes per device)
+    whose plan is within `budget` bytes; None if none is."""
+    return next((p for p in REMAT_AUTO_ORDER if plans.get(p) is not None and plans[p] <= budget), None)
 
 
 def trainable_filter(cfg: TrainConfig):
@@ -459,6 +491,7 @@ class Trainer:
         if cfg.profile_steps < 1:
             raise ValueError(f"profile_steps must be >= 1 (got {cfg.profile_steps})")
         check_data_threads(cfg)
+        check_remat(cfg)
         if cfg.grad_accum_steps < 1 or cfg.batch_size % (cfg.grad_accum_steps * dp):
             raise ValueError(f"grad_accum_steps {cfg.grad_accum_steps}: batch_size {cfg.batch_size} must split into that many "
                              f"micro-batches, each divisible by data×fsdp = {dp} of mesh {dict(self.mesh.shape)}")
@@ -472,7 +505,7 @@ class Trainer:
         self._build_state()
 
     def _build_state(self):
-        from pico_jax.parallel import on_mesh, param_placer, replicate, shard_state, warn_unless_tensor_divides_heads
+        from pico_jax.parallel import param_placer, replicate, shard_state, warn_unless_tensor_divides_heads
 
         cfg = self.cfg
         model = build_model(cfg, place=param_placer(self.mesh))
@@ -494,12 +527,88 @@ class Trainer:
         self.conditioning = replicate(self.mesh, (ae_state, self.text))
         # One copy of the autoencoder and the text: the replicated one serves the step and the samples.
         self.ae, self.text = nnx.merge(ae_graphdef, self.conditioning[0]), self.conditioning[1]
-        self._step_body = make_train_step(self.graphdef, ae_graphdef, self.layout, cfg, self.tx, self.schedule)
-        # Traced under the mesh so the scanned layers gather their weights over 'fsdp' (parallel.on_mesh).
-        self.step_fn = on_mesh(jit_train_step(self._step_body, self.trainable, opt_shardings, self.ema, self.mesh),
-                               self.mesh)
+        self._ae_graphdef, self._opt_shardings = ae_graphdef, opt_shardings
+        self._step_body, self.step_fn = self._jitted_step(self.graphdef)
+        # remat="auto": which policy runs is decided by compiling at the first batch (`resolve_remat`).
+        self.remat = None if cfg.remat == "auto" else cfg.remat
+        self.remat_plans: dict[str, int | None] = {}  # auto's planned bytes per device, by policy
+        self._budget: tuple[float, int | None] = (math.inf, None)  # auto's (budget, device limit), once resolved
         self.step = 0
         self._sample_pipelines: dict[int, Any] = {}  # save_samples' pipeline per sheet size, compiled once
+
+    def _jitted_step(self, graphdef):
+        """(the step's body, the step jitted as it runs) for the model `graphdef` describes."""
+        from pico_jax.parallel import on_mesh
+
+        body = make_train_step(graphdef, self._ae_graphdef, self.layout, self.cfg, self.tx, self.schedule)
+        # Traced under the mesh so the scanned layers gather their weights over 'fsdp' (parallel.on_mesh).
+        return body, on_mesh(jit_train_step(body, self.trainable, self._opt_shardings, self.ema, self.mesh), self.mesh)
+
+    def _with_remat(self, policy: str):
+        """This run's model graph with the layer stacks' remat policy set to `policy` (the same
+        parameters: only the static config differs)."""
+        model = nnx.merge(self.graphdef, self.trainable, self.frozen)
+        model.config = model.config.replace(remat=policy)
+        graphdef, _, _ = nnx.split(model, trainable_filter(self.cfg), ...)
+        return graphdef
+
+    def memory_budget(self) -> tuple[float, int | None]:
+        """(the bytes per device remat="auto" lets a step plan, the device limit it is a share of):
+        `device_memory_gib`, or the smallest device limit over all processes."""
+        from pico_jax.memory import GiB, device_memory_limit
+
+        if self.cfg.device_memory_gib:
+            limit = int(self.cfg.device_memory_gib * GiB)
+        else:
+            limit = device_memory_limit(jax.local_devices()[0], jax.local_device_count())
+            limit = _agreed(-1 if limit is None else limit, min)
+            limit = None if limit < 0 else limit
+        return (math.inf if limit is None else REMAT_AUTO_HEADROOM * limit), limit
+
+    def resolve_remat(self, batch: dict) -> str:
+        """remat="auto": compile the step for each policy of REMAT_AUTO_ORDER in turn, on `batch`'s
+        shapes, until XLA's plan for one (`memory.planned_peak_bytes`, the largest over processes,
+        so that every process picks the same program) fits `memory_budget`; that compiled step is
+        the one that runs. Collective: every process calls it. If none fits, the one planning the
+        least runs, with a warning. A policy that fits costs one compile, as the first step would."""
+        import warnings
+
+        from pico_jax.memory import GiB, planned_peak_bytes
+
+        if self.remat is not None:
+            return self.remat
+        self._budget = budget, _ = self.memory_budget()  # collective over processes: asked once
+        args = (self.trainable, self.frozen, self.conditioning, self.opt_state, self.ema, batch, jnp.int32(self.step))
+        steps = {}  # policy -> (graphdef, body, compiled step)
+        for policy in REMAT_AUTO_ORDER:
+            graphdef = self._with_remat(policy)
+            body, jitted = self._jitted_step(graphdef)
+            compiled = jitted.lower(*args).compile()
+            planned = _agreed(planned_peak_bytes(compiled) or -1, max)  # -1: not reported
+            self.remat_plans[policy] = None if planned < 0 else planned
+            steps[policy] = (graphdef, body, compiled)
+            if choose_remat(self.remat_plans, budget) == policy:
+                break
+        chosen = choose_remat(self.remat_plans, budget)
+        if chosen is None:
+            known = {p: b for p, b in self.remat_plans.items() if b is not None}
+            chosen = min(known, key=known.get) if known else REMAT_AUTO_ORDER[-1]  # unknown: the least kept
+            gib = lambda b: "unknown" if b is None or b == math.inf else f"{b / GiB:.2f} GiB"
+            warnings.warn(f"remat auto: no policy's step fits {gib(budget)} per device ("
+                          + ", ".join(f"{p} {gib(b)}" for p, b in self.remat_plans.items())
+                          + f"); running {chosen!r}, the smallest. Lower batch_size, raise grad_accum_steps "
+                          "or shard the model (--mesh fsdp=N).", stacklevel=2)
+        self.remat = chosen
+        self.graphdef, self._step_body, self.step_fn = steps[chosen]
+        return self.remat
+
+    def remat_report(self) -> dict:
+        """What remat="auto" decided, for config.json: the policy, the bytes per device XLA planned
+        for each policy tried, the budget and the device limit it is a share of."""
+        budget, limit = self._budget
+        return {"chosen": self.remat, "planned_bytes_per_device": dict(self.remat_plans),
+                "budget_bytes_per_device": None if budget == math.inf else budget, "device_limit_bytes": limit,
+                "headroom": REMAT_AUTO_HEADROOM}
 
     # --- checkpoints ---------------------------------------------------------------------
     def _manager(self):
@@ -682,6 +791,13 @@ class Trainer:
                     if sample_batch is None:
                         sample_batch = _first_of_global_batch(host, 4)
                     batch = {k: shard(v) for k, v in host.items() if k in ("A", "A_out", "B", "B_out")}
+                    if self.remat is None:  # remat="auto": compiles the step (the FLOP counts then trace the choice)
+                        self.resolve_remat(batch)
+                        if logs:
+                            report = self.remat_report()
+                            bar.write(_remat_line(report))
+                            config = {**cfg.to_json(), "remat_auto": report}
+                            (self.workdir / "config.json").write_text(json.dumps(config, indent=2, default=str))
                     if flops_per_step is None:  # what the device runs, and the model's share of it
                         flops_per_step = self.step_flops(batch)
                         model_flops_per_step = self.step_flops(batch, recompute=False)
@@ -738,6 +854,24 @@ class Trainer:
         if status == "finished" and sample_batch is not None:
             self.save_samples(sample_batch, self.workdir / "samples" / f"step_{self.step:06d}.png")
         return {"status": status, "step": self.step}
+
+
+def _remat_line(report: dict) -> str:
+    """'remat auto: dots (XLA's plan per device: none 41.2 GiB, dots 33.9 GiB; budget 36 GiB, 90 % of 40 GiB)'."""
+    gib = lambda b: "unknown" if b is None else f"{b / 2**30:.3g} GiB"
+    plans = ", ".join(f"{p} {gib(b)}" for p, b in report["planned_bytes_per_device"].items())
+    budget = ("no limit known" if report["budget_bytes_per_device"] is None else
+              f"budget {gib(report['budget_bytes_per_device'])}, {report['headroom']:.0%} of {gib(report['device_limit_bytes'])}")
+    return f"remat auto: {report['chosen']} (XLA's plan per device: {plans}; {budget})"
+
+
+def _agreed(value: int, how) -> int:
+    """`how` (min or max) of an integer over all processes: the same answer on every one."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(how(np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)))
 
 
 def _first_of_global_batch(host: dict, n: int) -> dict:

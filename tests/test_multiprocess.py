@@ -86,9 +86,10 @@ def _losses(workdir: Path) -> list[tuple[int, float]]:
 def test_two_process_training_follows_one_process_through_a_resume(tmp_path):
     """Each process reads its block of every global batch (the data does not depend on the host
     count), the step is one collective program, orbax writes one checkpoint from both, and only the
-    first process writes metrics and samples."""
+    first process writes metrics and samples. With remat=auto every process compiles, and runs, the
+    policy they agree on (the device limit's minimum and each plan's maximum over processes)."""
     base = ["train.py", "--config", "configs/tiny.py", "--no-progress", "--mesh", "data=2,fsdp=2",
-            "--set", "checkpoint_every=3", "--set", "log_every=1"]
+            "--set", "checkpoint_every=3", "--set", "log_every=1", "--set", "remat=auto"]
     _run_processes([*base, "--workdir", str(tmp_path / "two"), "--set", "steps=3"], 2)
     _run_processes([*base, "--workdir", str(tmp_path / "two"), "--set", "steps=5"], 2)  # resumes at 3
     _run_one([*base, "--workdir", str(tmp_path / "one"), "--set", "steps=5"])
@@ -97,6 +98,8 @@ def test_two_process_training_follows_one_process_through_a_resume(tmp_path):
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["3", "5"]
     assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["step_000003.png", "step_000005.png"]
+    reports = [json.loads((tmp_path / k / "config.json").read_text())["remat_auto"] for k in ("one", "two")]
+    assert reports[0]["chosen"] == reports[1]["chosen"] == "none"
 
 
 def test_two_process_evaluation_reports_what_one_process_reports(tmp_path):

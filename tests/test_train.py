@@ -402,6 +402,81 @@ def _metrics(workdir):
     return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_choose_remat_takes_the_least_recomputation_that_fits():
+    from pico_jax.trainer import choose_remat
+
+    plans = {"none": 100, "dots": 60, "full": 30}
+    assert [choose_remat(plans, b) for b in (100, 99, 60, 59, 30, 29)] == ["none", "dots", "dots", "full", "full", None]
+    assert choose_remat({"none": None, "dots": 60}, 1000) == "dots"  # an unknown plan never fits
+    assert choose_remat({}, 1000) is None
+
+
+def _deep(**kw) -> TrainConfig:
+    """Eight layers at batch 8 on 256 tokens: activations outweigh the weights, so remat saves memory."""
+    cfg = micro(mesh="data=1", panel=32, **kw)
+    cfg.model = dataclasses.replace(cfg.model, num_double=2, num_single=6)
+    return cfg
+
+
+def test_remat_auto_runs_the_least_recomputation_that_fits_the_memory(tmp_path):
+    """remat="auto" compiles the step with remat none, dots, full in turn and runs the first whose
+    XLA plan fits the budget: the same program as that policy named (the same losses, bit for bit,
+    and FLOP count), recorded in config.json. With nothing fitting it warns and runs the smallest."""
+    from pico_jax.memory import GiB
+    from pico_jax.trainer import REMAT_AUTO_HEADROOM, make_data
+
+    one = jax.devices()[:1]
+    probe = Trainer(_deep(remat="auto", device_memory_gib=1e-6), tmp_path / "probe", progress=False, devices=one)
+    batch = _device_batch(probe, next(iter(make_data(probe.cfg))))
+    with pytest.warns(UserWarning, match="no policy's step fits .* running 'full', the smallest"):
+        assert probe.resolve_remat(batch) == "full"
+    plans = probe.remat_plans
+    assert list(plans) == ["none", "dots", "full"] and plans["none"] > plans["dots"] > plans["full"], plans
+
+    between = (plans["dots"] + plans["none"]) / 2 / REMAT_AUTO_HEADROOM / GiB  # dots fits, none does not
+    auto = Trainer(_deep(remat="auto", device_memory_gib=between, steps=3), tmp_path / "auto", progress=False,
+                   devices=one)
+    assert auto.remat is None and auto.run()["status"] == "finished"
+    assert auto.remat == "dots" and list(auto.remat_plans) == ["none", "dots"]  # full never compiled
+    assert auto.remat_plans == {p: plans[p] for p in ("none", "dots")}
+    named = Trainer(_deep(remat="dots", steps=3), tmp_path / "dots", progress=False, devices=one)
+    named.run()
+    assert [r["loss"] for r in _metrics(tmp_path / "auto")] == [r["loss"] for r in _metrics(tmp_path / "dots")]
+    assert auto.step_flops(batch) == named.step_flops(batch) != probe.step_flops(batch)
+    report = json.loads((tmp_path / "auto" / "config.json").read_text())["remat_auto"]
+    assert report["chosen"] == "dots"
+    assert report["planned_bytes_per_device"] == {p: plans[p] for p in ("none", "dots")}
+    assert report["budget_bytes_per_device"] == pytest.approx(between * GiB * REMAT_AUTO_HEADROOM)
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["remat"] == "auto"
+
+
+def test_remat_and_device_memory_are_checked_before_anything_is_built():
+    with pytest.raises(ValueError, match="remat: expected one of none, dots, full, nothing or auto \\(got 'ful'\\)"):
+        Trainer(micro(remat="ful"), "/tmp/unused", progress=False)
+    with pytest.raises(ValueError, match="device_memory_gib must be > 0"):
+        Trainer(micro(remat="auto", device_memory_gib=-1.0), "/tmp/unused", progress=False)
+
+
+def test_device_memory_limit_from_the_allocator_or_the_host():
+    from pico_jax.memory import device_memory_limit, host_memory_bytes
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            if isinstance(self.stats, Exception):
+                raise self.stats
+            return self.stats
+
+    host = host_memory_bytes()
+    assert host and host > 2**30
+    assert device_memory_limit(Device({"bytes_limit": 60 * 2**30, "bytes_in_use": 5})) == 60 * 2**30
+    assert device_memory_limit(Device(None), local_devices=8) == host // 8  # a CPU device reports none
+    assert device_memory_limit(Device(RuntimeError("unsupported")), local_devices=2) == host // 2
+    assert device_memory_limit(jax.devices()[0], local_devices=8) == host // 8
+
+
 def test_trainer_pipeline_runs_on_the_training_mesh():
     """Trainer.pipeline samples over the run's mesh (the batch rounded up to data x fsdp) and paints what
     one device paints with the same weights."""

@@ -1,0 +1,57 @@
+"""Device memory: what a compiled program plans to hold per device, and what a device can hold."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+GiB = 2**30
+
+
+def planned_peak_bytes(compiled: Any) -> int | None:
+    """The bytes one device holds while a compiled (SPMD) program runs, by XLA's buffer
+    assignment: its arguments, its outputs less those written into donated arguments, its
+    temporaries and its code. None where the backend does not report a plan."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if ma is None:
+        return None
+    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+               + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes)
+
+
+def device_memory_limit(device: Any, local_devices: int = 1) -> int | None:
+    """The bytes one device may hold. A GPU or TPU: its allocator's limit (`bytes_limit`; on a GPU
+    the pool JAX preallocates, 75 % of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says
+    otherwise). A CPU device reports none; CPU devices share the host's memory, so the host's
+    (its cgroup's limit where that is lower) over the `local_devices` of this process. None if
+    neither is known."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    host = host_memory_bytes()
+    return None if host is None else host // max(local_devices, 1)
+
+
+def host_memory_bytes() -> int | None:
+    """This host's physical memory, or its cgroup's memory limit where that is lower (a container)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max": no limit
+            limit = int(text)
+            total = limit if total is None else min(total, limit)
+        break
+    return total
