@@ -105,14 +105,14 @@ def main(argv=None):
 
 def _auto_remat(args) -> None:
     """--remat auto: every policy of REMAT_AUTO_ORDER measured, then the trainer's choice per limit."""
-    from pico_jax.memory import GiB
-    from pico_jax.trainer import REMAT_AUTO_HEADROOM, REMAT_AUTO_ORDER, choose_remat
+    from pico_jax.memory import HEADROOM, GiB
+    from pico_jax.trainer import REMAT_AUTO_ORDER, choose_remat
 
     plans = {}
     for policy in REMAT_AUTO_ORDER:
         plans[policy] = measure(_with(args, remat=policy))
     for gib in args.device_memory_gib:
-        budget = REMAT_AUTO_HEADROOM * gib * GiB
+        budget = HEADROOM * gib * GiB
         chosen = choose_remat(plans, budget)
         print(f"remat auto on {gib:g} GiB per device (budget {budget / GiB:.1f} GiB): "
               + (chosen if chosen else f"none fits; it would run the smallest, {min(plans, key=plans.get)}"))

@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed..seed+N-1 (default 0)")
     s.add_argument("--guidance", type=float, help="guidance value for guidance-distilled FLUX bases")
     s.add_argument("--seed-batch", type=int, metavar="K",
-                   help="seeds run together while scoring (default: 1 on CPU, all on GPU/TPU); same results, "
-                        "only speed and memory change")
+                   help="seeds run together while scoring (default: 1 on CPU; on GPU/TPU all, or where XLA's plan "
+                        "for that does not fit the device's memory, the most that do, halving from all: the "
+                        "first batch compiles each try); same results, only speed and memory change")
     p.add_argument("--batch-size", type=int, default=4, help="queries per compiled batch (default 4)")
     p.add_argument("--mesh", metavar="SPEC", help=MESH_FLAG_HELP)
     p.add_argument("--gather-weights", choices=GATHER_WEIGHTS_CHOICES, default="per_layer", help=GATHER_WEIGHTS_FLAG_HELP)
@@ -394,12 +395,19 @@ def main(argv=None) -> int:
     finally:
         if profiler:
             profiler.stop()  # a run that failed mid-trace still closes it
+        fitted = pipe.seed_batches.get(dataclasses.replace(plan, ensemble=None))
+        if fitted:  # the open seed batch, fitted to the device's memory
+            report["seed_batch_run"] = fitted[0]
         if report["queries"]:  # only the writer has any
             report["seconds"] = round(time.time() - t0, 3)
             write_json_atomic(report, out / "scores.json")
     bar.close()
     if writer:
         print(f"wrote {len(rows)} result(s) to {out}/{throughput_line(batch_seconds, batch_sizes)}")
+        if fitted and fitted[0] < plan.seeds:
+            k, tried = fitted
+            print(f"seeds ran {k} at a time: all {plan.seeds} together planned {tried[plan.seeds] / 2**30:.2f} GiB per "
+                  f"device, over the memory budget (--seed-batch sets it)")
         if profiler:
             i = profiled_batch(len(starts))
             print(f"profile: batch {i + 1} of {len(starts)}{' (its compile included)' if len(starts) == 1 else ''} "

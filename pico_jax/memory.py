@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 GiB = 2**30
+# Of a device's memory, what a program chosen by its plan may fill (Trainer's remat="auto", the
+# Pipeline's seed batch): the rest for the allocator's fragmentation and the buffers outside the
+# program (the next batch, a loss being read).
+HEADROOM = 0.9
 
 
 def planned_peak_bytes(compiled: Any) -> int | None:
@@ -55,3 +60,30 @@ def host_memory_bytes() -> int | None:
             total = limit if total is None else min(total, limit)
         break
     return total
+
+
+def memory_budget(device_memory_gib: float = 0.0) -> tuple[float, int | None]:
+    """(the bytes per device a program chosen by its plan may plan, the device limit that is
+    HEADROOM of): `device_memory_gib` if given, else the smallest `device_memory_limit` over all
+    processes (collective: every process must call it); (inf, None) where no limit is known."""
+    import jax
+
+    if device_memory_gib:
+        limit = int(device_memory_gib * GiB)
+    else:
+        limit = agreed(device_memory_limit(jax.local_devices()[0], jax.local_device_count()) or -1, min)
+        limit = None if limit < 0 else limit
+    return (math.inf if limit is None else HEADROOM * limit), limit
+
+
+def agreed(value: int, how) -> int:
+    """`how` (min or max) of an integer over all processes, the same answer on every one
+    (collective: every process must call it)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return int(value)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(how(np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)))

@@ -398,6 +398,11 @@ class Pipeline:
     data=2,fsdp=4: 623 GiB of all-gather per device per 28-step call), so no device holds more
     than a layer of them; "per_call" gathers the whole model once per call (22 GiB there) and
     holds it, in the compute dtype, on every device while the call runs: for when it fits.
+
+    A plan that leaves `seed_batch` open runs every seed together on a GPU or TPU; when XLA's plan
+    for that program does not fit the device's memory (`memory.memory_budget`, or
+    `device_memory_gib`), the seeds run in smaller groups, halving until one fits (the first
+    batch compiles each try; `seed_batches` records what ran). The results do not depend on it.
     """
 
     def __init__(
@@ -413,8 +418,12 @@ class Pipeline:
         prediction: str = "velocity",
         mesh: Mesh | None = None,
         gather_weights: str = "per_layer",
+        device_memory_gib: float = 0.0,
     ):
         self.gather_weights = check_gather_weights(gather_weights)
+        if device_memory_gib < 0:
+            raise ValueError(f"device_memory_gib must be > 0, or 0 for the devices' own (got {device_memory_gib})")
+        self.device_memory_gib = device_memory_gib
         if mesh is not None:
             check_batch_size(batch_size, mesh, "batch_size")  # a MeshError, which is a ValueError
             transformer, autoencoder, text = _place_on_mesh(transformer, autoencoder, text, mesh)
@@ -433,6 +442,10 @@ class Pipeline:
         self._graphdef, self._state = nnx.split(transformer)
         self._ae_graphdef, self._ae_state = nnx.split(autoencoder)
         self._compiled: dict[Any, Any] = {}
+        self._programs: dict[Any, Any] = {}  # plan -> what runs it (`_program`)
+        # plan -> (seeds run together, {seed batch tried: planned bytes per device}), where a
+        # plan's open seed batch was fitted to the memory
+        self.seed_batches: dict[SamplingPlan, tuple[int, dict[int, int | None]]] = {}
 
     def update_weights(self, transformer: FluxTransformer) -> None:
         """Sample with new weights for the same model (a training run's current or EMA weights):
@@ -481,6 +494,42 @@ class Pipeline:
                 self._compiled[key] = on_mesh(jax.jit(run, out_shardings=replicated(self.mesh)), self.mesh)
         return self._compiled[key]
 
+    def _program(self, plan: SamplingPlan, inputs: tuple) -> Any:
+        """What runs `plan` on `inputs` (the compiled function's arguments): its jitted sampler,
+        or, where the plan leaves the seed batch open and every seed would run together (GPU,
+        TPU), the compiled sampler for the most seeds at once whose plan fits the memory."""
+        key = dataclasses.replace(plan, ensemble=None)
+        if key not in self._programs:
+            one_at_a_time = plan.seeds == 1 or plan.selection == "random"  # one seed is sampled
+            if one_at_a_time or plan.seed_batch is not None or seed_batch_for_backend(plan.seeds) < plan.seeds:
+                self._programs[key] = self._fn(plan)  # compiles at its first call
+            else:
+                self._programs[key] = self._fitted_to_memory(key, inputs)
+        return self._programs[key]
+
+    def _fitted_to_memory(self, plan: SamplingPlan, inputs: tuple) -> Any:
+        """The sampler compiled for seed batches plan.seeds, then halved (rounded up), until XLA's
+        plan per device (the largest over processes) fits the budget; at one seed, whatever it
+        plans, with a warning if it does not fit. Collective on a multi-host mesh."""
+        from pico_jax.memory import GiB, agreed, memory_budget, planned_peak_bytes
+
+        budget, _ = memory_budget(self.device_memory_gib)
+        tried: dict[int, int | None] = {}
+        k = plan.seeds
+        while True:
+            compiled = self._fn(dataclasses.replace(plan, seed_batch=k)).lower(*inputs).compile()
+            planned = agreed(planned_peak_bytes(compiled) or -1, max)  # -1: not reported
+            tried[k] = None if planned < 0 else planned
+            if planned < 0 or planned <= budget or k == 1:
+                break
+            k = -(-k // 2)
+        if tried[k] is not None and tried[k] > budget:
+            warnings.warn(f"the sampler plans {tried[k] / GiB:.2f} GiB per device even with one seed at a time, over "
+                          f"the {budget / GiB:.2f} GiB budget: it may run out of memory. Lower the batch size or "
+                          "split the model (--mesh fsdp=N)", stacklevel=3)
+        self.seed_batches[plan] = (k, tried)
+        return compiled
+
     def canvases(self, exemplar, exemplar_out, queries: Sequence[Any]) -> list[grid.Canvas]:
         return [
             grid.compose(exemplar, exemplar_out, q, panel=self.layout.panel, policy=self.policy,
@@ -507,7 +556,6 @@ class Pipeline:
         return self.run_canvases(canvases, plan, seed, progress)
 
     def run_canvases(self, canvases: list[grid.Canvas], plan: SamplingPlan, seed: int = 0, progress=None) -> list[Result]:
-        fn = self._fn(plan)
         seeds = np.arange(seed, seed + plan.seeds, dtype=np.uint32)
         results: list[Result] = []
         for start in range(0, len(canvases), self.batch_size):
@@ -516,7 +564,8 @@ class Pipeline:
             pad = self.batch_size - len(chunk)  # keep one compiled shape for every batch
             if pad:
                 batch = np.concatenate([batch, np.repeat(batch[-1:], pad, 0)])
-            images, chosen, scores = jax.device_get(fn(self._state, self._ae_state, *self._inputs(batch, seeds)))
+            inputs = (self._state, self._ae_state, *self._inputs(batch, seeds))
+            images, chosen, scores = jax.device_get(self._program(plan, inputs)(*inputs))
             for i, c in enumerate(chunk):
                 results.append(self._result(c, images[:, i], chosen[:, i], scores[:, i], seeds, plan.ensemble))
             if progress is not None:

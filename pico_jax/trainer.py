@@ -91,7 +91,7 @@ class TrainConfig:
     # How the layer stacks trade memory for recomputation (FluxConfig.remat): "none" keeps every
     # activation, "dots" recomputes all but the products, "full" recomputes each block in the
     # backward (~1/3 more work). "auto": the least recomputation whose compiled step fits the
-    # devices' memory by XLA's own plan (`REMAT_AUTO_ORDER`, within REMAT_AUTO_HEADROOM of it), found
+    # devices' memory by XLA's own plan (`REMAT_AUTO_ORDER`, within memory.HEADROOM of it), found
     # by compiling before the first step; the compiled program it picks is the one that runs.
     remat: str = "none"
     # The memory per device remat="auto" plans against, GiB. 0: each device's own (its allocator's
@@ -250,11 +250,9 @@ def build_model(cfg: TrainConfig, place=None) -> FluxTransformer:
 
 
 REMAT_POLICIES = ("none", "dots", "full", "nothing")
-# remat="auto" tries these in order, least recomputation first, and takes the first that fits.
+# remat="auto" tries these in order, least recomputation first, and takes the first that fits
+# (within memory.HEADROOM of the device's memory).
 REMAT_AUTO_ORDER = ("none", "dots", "full")
-# Of a device's memory, what auto lets XLA's plan fill: the rest for the allocator's
-# fragmentation and the buffers outside the step (the next batch, the loss being read).
-REMAT_AUTO_HEADROOM = 0.9
 
 
 def check_remat(cfg: TrainConfig) -> str:
@@ -552,39 +550,26 @@ class Trainer:
         graphdef, _, _ = nnx.split(model, trainable_filter(self.cfg), ...)
         return graphdef
 
-    def memory_budget(self) -> tuple[float, int | None]:
-        """(the bytes per device remat="auto" lets a step plan, the device limit it is a share of):
-        `device_memory_gib`, or the smallest device limit over all processes."""
-        from pico_jax.memory import GiB, device_memory_limit
-
-        if self.cfg.device_memory_gib:
-            limit = int(self.cfg.device_memory_gib * GiB)
-        else:
-            limit = device_memory_limit(jax.local_devices()[0], jax.local_device_count())
-            limit = _agreed(-1 if limit is None else limit, min)
-            limit = None if limit < 0 else limit
-        return (math.inf if limit is None else REMAT_AUTO_HEADROOM * limit), limit
-
     def resolve_remat(self, batch: dict) -> str:
         """remat="auto": compile the step for each policy of REMAT_AUTO_ORDER in turn, on `batch`'s
         shapes, until XLA's plan for one (`memory.planned_peak_bytes`, the largest over processes,
-        so that every process picks the same program) fits `memory_budget`; that compiled step is
+        so that every process picks the same program) fits `memory.memory_budget`; that compiled step is
         the one that runs. Collective: every process calls it. If none fits, the one planning the
         least runs, with a warning. A policy that fits costs one compile, as the first step would."""
         import warnings
 
-        from pico_jax.memory import GiB, planned_peak_bytes
+        from pico_jax.memory import GiB, agreed, memory_budget, planned_peak_bytes
 
         if self.remat is not None:
             return self.remat
-        self._budget = budget, _ = self.memory_budget()  # collective over processes: asked once
+        self._budget = budget, _ = memory_budget(self.cfg.device_memory_gib)  # collective: asked once
         args = (self.trainable, self.frozen, self.conditioning, self.opt_state, self.ema, batch, jnp.int32(self.step))
         steps = {}  # policy -> (graphdef, body, compiled step)
         for policy in REMAT_AUTO_ORDER:
             graphdef = self._with_remat(policy)
             body, jitted = self._jitted_step(graphdef)
             compiled = jitted.lower(*args).compile()
-            planned = _agreed(planned_peak_bytes(compiled) or -1, max)  # -1: not reported
+            planned = agreed(planned_peak_bytes(compiled) or -1, max)  # -1: not reported
             self.remat_plans[policy] = None if planned < 0 else planned
             steps[policy] = (graphdef, body, compiled)
             if choose_remat(self.remat_plans, budget) == policy:
@@ -605,10 +590,12 @@ class Trainer:
     def remat_report(self) -> dict:
         """What remat="auto" decided, for config.json: the policy, the bytes per device XLA planned
         for each policy tried, the budget and the device limit it is a share of."""
+        from pico_jax.memory import HEADROOM
+
         budget, limit = self._budget
         return {"chosen": self.remat, "planned_bytes_per_device": dict(self.remat_plans),
                 "budget_bytes_per_device": None if budget == math.inf else budget, "device_limit_bytes": limit,
-                "headroom": REMAT_AUTO_HEADROOM}
+                "headroom": HEADROOM}
 
     # --- checkpoints ---------------------------------------------------------------------
     def _manager(self):
@@ -863,15 +850,6 @@ def _remat_line(report: dict) -> str:
     budget = ("no limit known" if report["budget_bytes_per_device"] is None else
               f"budget {gib(report['budget_bytes_per_device'])}, {report['headroom']:.0%} of {gib(report['device_limit_bytes'])}")
     return f"remat auto: {report['chosen']} (XLA's plan per device: {plans}; {budget})"
-
-
-def _agreed(value: int, how) -> int:
-    """`how` (min or max) of an integer over all processes: the same answer on every one."""
-    if jax.process_count() == 1:
-        return int(value)
-    from jax.experimental import multihost_utils
-
-    return int(how(np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)))
 
 
 def _first_of_global_batch(host: dict, n: int) -> dict:

@@ -114,6 +114,25 @@ def test_bench_compile_the_trainers_whole_step_at_full_size():
     assert 2 * 21.5 < _number(r"all-gather ([0-9.]+) GiB", out) < 2 * 23
 
 
+def test_bench_compile_remat_auto_measures_each_policy_and_names_the_choice(monkeypatch, capsys):
+    """--remat auto compiles the step once per policy (stubbed here: the full-size compiles are the
+    test above's) and prints what the trainer's remat="auto" would run on each device size."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_compile
+
+    plans = {"none": 54.68, "dots": 62.51, "full": 29.35}  # GiB: the paper config on data=8
+    seen = []
+    monkeypatch.setattr(bench_compile, "measure", lambda a: seen.append(a.remat) or int(plans[a.remat] * 2**30))
+    bench_compile.main(["--step", "train", "--remat", "auto", "--device-memory-gib", "59.7", "75.7", "20"])
+    out = capsys.readouterr().out
+    assert seen == ["none", "dots", "full"]
+    assert "remat auto on 59.7 GiB per device (budget 53.7 GiB): full" in out
+    assert "remat auto on 75.7 GiB per device (budget 68.1 GiB): none" in out
+    assert "remat auto on 20 GiB per device (budget 18.0 GiB): none fits; it would run the smallest, full" in out
+    with pytest.raises(SystemExit):
+        bench_compile.main(["--step", "lora", "--remat", "auto"])
+
+
 @pytest.mark.parametrize("program", ["forward", "lora"])
 def test_profile_attributes_the_traced_time(program):
     """profile_forward.py at toy size: the cost analysis counts FLOPs, and the trace's op time is

@@ -112,6 +112,29 @@ def test_profile_traces_the_second_batch_and_the_rate_leaves_out_the_first(tmp_p
     assert re.search(r"wrote 3 result\(s\) .* s for the first batch, which compiles, then [0-9.e+-]+ queries/s", stdout)
 
 
+def test_seeds_fitted_to_the_memory_are_reported(tmp_path, imgs, checkpoint, capsys, monkeypatch):
+    """Where the seed batch is left open and all seeds together would not fit (simulated: the GPU
+    default and a budget no program meets), the run says how many ran together and why, and
+    scores.json records it; the images are those of --seed-batch 1."""
+    import pico_jax.memory as memory
+    import pico_jax.pipeline as pipeline_module
+
+    args = ["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"], "--seeds", "3",
+            "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--seed-batch", "1"]) == 0
+    monkeypatch.setattr(pipeline_module, "seed_batch_for_backend", lambda seeds, backend=None: seeds)
+    monkeypatch.setattr(memory, "memory_budget", lambda gib=0.0: (1.0, 1))
+    with pytest.warns(UserWarning, match="even with one seed at a time"):
+        assert main([*args, "--out", str(tmp_path / "fitted")]) == 0
+    stdout = capsys.readouterr().out
+    assert re.search(r"seeds ran 1 at a time: all 3 together planned [0-9.]+ GiB per device, over the memory budget", stdout)
+    assert json.loads((tmp_path / "fitted" / "scores.json").read_text())["seed_batch_run"] == 1
+    assert "seed_batch_run" not in json.loads((tmp_path / "one" / "scores.json").read_text())
+    for name in ("b.png", "b_grid.png"):
+        a, b = (np.asarray(Image.open(tmp_path / k / name)) for k in ("one", "fitted"))
+        np.testing.assert_array_equal(a, b)
+
+
 def test_throughput_line():
     from pico_jax.infer import profiled_batch, throughput_line
 

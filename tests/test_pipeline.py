@@ -153,6 +153,40 @@ def test_seed_batch_default_per_backend():
     assert seed_batch_for_backend(8, "gpu") == 8 and seed_batch_for_backend(8, "tpu") == 8
 
 
+def test_an_open_seed_batch_runs_the_most_seeds_together_that_fit_the_memory(model, ae, text, monkeypatch):
+    """Where a plan leaving seed_batch open runs every seed together (a GPU or TPU; simulated here
+    by the per-backend default), a program over the memory budget runs its seeds in halves,
+    quarters, ...: the first that fits, with the results of that seed batch named. Under every
+    budget: one seed at a time, with a warning; with room: all together, compiled once."""
+    import pico_jax.pipeline as pipeline_module
+    from pico_jax.memory import HEADROOM, GiB
+
+    monkeypatch.setattr(pipeline_module, "seed_batch_for_backend", lambda seeds, backend=None: seeds)
+    plan = _plan("early", seeds=4, keep=2)
+    a, a_out, *qs = _images(4, seed=3)
+    make = lambda **kw: Pipeline(model, ae, text, panel=PANEL, plan=kw.pop("plan", plan), batch_size=2, **kw)
+
+    cramped = make(device_memory_gib=1e-6)
+    with pytest.warns(UserWarning, match="even with one seed at a time"):
+        cramped(a, a_out, qs)
+    k, tried = cramped.seed_batches[plan]
+    assert k == 1 and list(tried) == [4, 2, 1] and tried[4] > tried[2] > tried[1], tried
+
+    fitted = make(device_memory_gib=(tried[2] + tried[4]) / 2 / HEADROOM / GiB)  # 2 together fit, 4 do not
+    results = fitted(a, a_out, qs)
+    assert fitted.seed_batches[plan] == (2, {4: tried[4], 2: tried[2]})
+    named = make(plan=dataclasses.replace(plan, seed_batch=2))(a, a_out, qs)
+    for r, n in zip(results, named):
+        np.testing.assert_array_equal(r.image, n.image)
+        assert r.scores == n.scores and r.candidate_seeds == n.candidate_seeds
+
+    roomy = make(device_memory_gib=1000.0)
+    roomy(a, a_out, qs)
+    assert roomy.seed_batches[plan] == (4, {4: tried[4]})
+    with pytest.raises(ValueError, match="device_memory_gib must be > 0"):
+        make(device_memory_gib=-1.0)
+
+
 def test_query_hint_shows_b_under_the_bprime_mask_and_changes_nothing_else(ae, layout, canvases):
     canvases = jnp.asarray(canvases)
     plain, known_plain = fill_condition(ae, canvases, layout)

@@ -422,8 +422,8 @@ def test_remat_auto_runs_the_least_recomputation_that_fits_the_memory(tmp_path):
     """remat="auto" compiles the step with remat none, dots, full in turn and runs the first whose
     XLA plan fits the budget: the same program as that policy named (the same losses, bit for bit,
     and FLOP count), recorded in config.json. With nothing fitting it warns and runs the smallest."""
-    from pico_jax.memory import GiB
-    from pico_jax.trainer import REMAT_AUTO_HEADROOM, make_data
+    from pico_jax.memory import HEADROOM, GiB
+    from pico_jax.trainer import make_data
 
     one = jax.devices()[:1]
     probe = Trainer(_deep(remat="auto", device_memory_gib=1e-6), tmp_path / "probe", progress=False, devices=one)
@@ -433,7 +433,7 @@ def test_remat_auto_runs_the_least_recomputation_that_fits_the_memory(tmp_path):
     plans = probe.remat_plans
     assert list(plans) == ["none", "dots", "full"] and plans["none"] > plans["dots"] > plans["full"], plans
 
-    between = (plans["dots"] + plans["none"]) / 2 / REMAT_AUTO_HEADROOM / GiB  # dots fits, none does not
+    between = (plans["dots"] + plans["none"]) / 2 / HEADROOM / GiB  # dots fits, none does not
     auto = Trainer(_deep(remat="auto", device_memory_gib=between, steps=3), tmp_path / "auto", progress=False,
                    devices=one)
     assert auto.remat is None and auto.run()["status"] == "finished"
@@ -446,7 +446,7 @@ def test_remat_auto_runs_the_least_recomputation_that_fits_the_memory(tmp_path):
     report = json.loads((tmp_path / "auto" / "config.json").read_text())["remat_auto"]
     assert report["chosen"] == "dots"
     assert report["planned_bytes_per_device"] == {p: plans[p] for p in ("none", "dots")}
-    assert report["budget_bytes_per_device"] == pytest.approx(between * GiB * REMAT_AUTO_HEADROOM)
+    assert report["budget_bytes_per_device"] == pytest.approx(between * GiB * HEADROOM)
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["remat"] == "auto"
 
 
