@@ -9,13 +9,14 @@ python train.py --config configs/flux_dev_lora.py --workdir runs/flux-lora \
 remat="auto" runs the step with the least recomputation that fits the devices' memory, by XLA's
 plan, compiled before the first step (XLA:CPU's plans, bench_compile.py --step train --remat auto):
 
-  --mesh fsdp=8  remat none 37.3 GiB per device, all-gather 38.5 GiB per step; full 8.7 GiB, 45.0
-  --mesh data=8  remat none 54.7 GiB per device (the bf16 base on every device); full 29.4 GiB;
-                 only the factors' gradient moves (0.42 GiB a step)
+  --mesh fsdp=8  planned per device: none 37.3 GiB, dots 19.8, full 8.7; all-gather 38.5 GiB a
+                 step under none, 45.0 under full
+  --mesh data=8  none 54.7 GiB (the bf16 base on every device), dots 40.5, full 29.4; only the
+                 factors' gradient moves (0.42 GiB a step)
 
-On 80 GB GPUs both pick "none" (1,468 TFLOP a step instead of full's 1,884) once JAX may use the
-memory: data=8 needs XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (under JAX's default 75 % pool, 59.7 GiB,
-it runs "full"). --set remat=full forces the old setting.
+A step is 1,468 TFLOP under none, 1,587 under dots, 1,884 under full (the old setting). On 80 GB
+GPUs under JAX's default 75 % pool (59.7 GiB; budget 53.7) fsdp=8 runs none and data=8 dots; with
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 data=8 runs none too. --set remat=full forces one.
 """
 
 from pico_jax.model.flux import FluxConfig

@@ -208,16 +208,18 @@ class Dense(nnx.Module):
         x = x.astype(self.dtype)
         acc = accumulation_dtype(self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
-        if acc != jnp.dtype(self.dtype):  # named so remat="dots" saves it like a dot's output
-            y = checkpoint_name(narrow_product(x, kernel), NARROW_PRODUCT)
-        else:
-            y = jnp.dot(x, kernel)
+        narrow = acc != jnp.dtype(self.dtype)
+        y = narrow_product(x, kernel) if narrow else jnp.dot(x, kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(acc)
         if self.lora_a is not None:
             y = y + lora_delta(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype),
                                float(self.lora_scale), acc).astype(acc)
-        return y.astype(self.dtype)
+        y = y.astype(self.dtype)
+        # The custom VJP hides the product from remat="dots": name the layer's output for it, in
+        # `dtype` as a GPU's dot writes it (the fp32 accumulator named instead planned the FLUX
+        # step's dots residuals at twice their bytes, above remat "none"'s).
+        return checkpoint_name(y, NARROW_PRODUCT) if narrow else y
 
 
 def accumulation_dtype(dtype: Any, backend: str | None = None) -> Any:
@@ -640,7 +642,7 @@ def _stack(make, n: int, rngs: nnx.Rngs):
 
 _REMAT_POLICIES = {
     "full": None,
-    # a custom VJP hides its products from the dots policy; narrow_product's are saved by name
+    # a custom VJP hides its products from the dots policy; Dense names its output over narrow_product
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(NARROW_PRODUCT)),
