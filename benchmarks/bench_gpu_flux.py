@@ -46,8 +46,9 @@ diffusers reuses the forward's weights), (2) sample one,early (the early/one tar
 (alone, so the device's peak memory is the step's), (4) sample full. What ran is printed as it
 runs, and the summary says which groups did not fit; --results-json (written after every section,
 so a killed run keeps what it measured) has every number. If device time is left (`status`), a
-second call can take what did not fit (e.g. --sections lora --remat none, what the trainer's
-remat="auto" runs where it fits, against the default full; or --sample-modes full).
+second call can take what did not fit (e.g. --sections lora --remat auto: the GPU's own plans for
+remat none, dots and full, and the step the trainer's remat="auto" would run, timed against the
+default full; or --sample-modes full).
 Without --budget-s every section runs in this one process, in the order listed above.
 
 Before a GPU is lent (every section, tiny, on CPU; tests/test_bench_gpu_smoke.py runs this):
@@ -577,6 +578,40 @@ def compiled_memory(compiled: Any) -> str:
         return "compiled memory n/a"
 
 
+def auto_remat_step(bench: Bench, cfg: FluxConfig, graphdef: Any, state: list, base: Any, batch: dict,
+                    tx: Any) -> tuple[FluxConfig, Any, Any, float]:
+    """--remat auto: the LoRA step compiled with remat none, dots, full in turn until XLA's plan
+    (`memory.planned_peak_bytes`) is within the device's budget (`memory.memory_budget`), as the
+    trainer's remat="auto" chooses; every plan printed. (config, graphdef, compiled step, compile
+    seconds of the one chosen)."""
+    from pico_jax.memory import GiB, memory_budget, planned_peak_bytes
+    from pico_jax.trainer import REMAT_AUTO_ORDER, choose_remat
+
+    budget, limit = memory_budget()
+    plans, steps = {}, {}
+    for policy in REMAT_AUTO_ORDER:
+        model = nnx.merge(graphdef, state[0], base)
+        model.config = model.config.replace(remat=policy)
+        variant, _, _ = nnx.split(model, nnx.LoRAParam, ...)
+        del model
+        t0 = time.perf_counter()
+        compiled = make_lora_step(variant, tx, cfg.guidance_embeds).lower(state[0], state[1], base, batch).compile()
+        plans[policy] = planned_peak_bytes(compiled)
+        steps[policy] = (variant, compiled, time.perf_counter() - t0)
+        if choose_remat(plans, budget) == policy:
+            break
+    chosen = choose_remat(plans, budget) or min((p for p in plans if plans[p] is not None), key=plans.get,
+                                                default=REMAT_AUTO_ORDER[-1])
+    gib = lambda b: "n/a" if b is None else f"{b / GiB:.2f} GiB"
+    print(f"lora remat auto: {chosen} (XLA's plans per device: "
+          + ", ".join(f"{p} {gib(b)}" for p, b in plans.items())
+          + (f"; budget {budget / GiB:.2f} GiB of the device's {limit / GiB:.2f})" if limit else "; no limit known)"),
+          flush=True)
+    bench.results["lora_remat_plans_gib"] = {p: None if b is None else b / GiB for p, b in plans.items()}
+    variant, compiled, compile_s = steps[chosen]
+    return cfg.replace(remat=chosen), variant, compiled, compile_s
+
+
 def section_lora(bench: Bench) -> None:
     import optax
 
@@ -584,7 +619,8 @@ def section_lora(bench: Bench) -> None:
 
     bench.release_model()
     args = bench.args
-    cfg = fill_config(bench.cfg).replace(remat=args.remat)
+    auto = args.remat == "auto"
+    cfg = fill_config(bench.cfg).replace(remat="none" if auto else args.remat)
     model = make_model(cfg, bench.dtype)
     paths = add_lora(model, args.rank, dtype=jnp.float32)  # fp32 master factors, as the trainer keeps them
     # LoRAParam first: it is a subclass of Param, so `...` then takes only the frozen base.
@@ -594,14 +630,18 @@ def section_lora(bench: Bench) -> None:
     state = [lora, tx.init(lora)]
     del lora
     batch = lora_batch(cfg, args, bench.dtype)
+    if auto:  # the trainer's remat="auto": the least recomputation XLA plans within the device's memory
+        cfg, graphdef, compiled, compile_s = auto_remat_step(bench, cfg, graphdef, state, base, batch, tx)
     step_fn = make_lora_step(graphdef, tx, cfg.guidance_embeds)
-    # Counted before the compile (the count clears JAX's caches); each attention counts as its
-    # kernel's products (cuDNN's backward recomputes the logits: counted in step_flops only).
+    # Counted before the compile (the count clears JAX's caches; auto's compiled step is held and
+    # survives it); each attention counts as its kernel's products (cuDNN's backward recomputes
+    # the logits: counted in step_flops only).
     step_flops = program_flops(step_fn, state[0], state[1], base, batch)
     model_flops = program_flops(step_fn, state[0], state[1], base, batch, recompute=False)
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state[0], state[1], base, batch).compile()
-    compile_s = time.perf_counter() - t0
+    if not auto:
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state[0], state[1], base, batch).compile()
+        compile_s = time.perf_counter() - t0
     losses = []
 
     def run() -> None:
@@ -631,6 +671,7 @@ def section_lora(bench: Bench) -> None:
         source = "--peak-tflops" if args.peak_tflops else f"the data sheet's for {kind}"
         print(f"lora MFU: {bench.results['lora_mfu']:.2%} of a dense bf16 peak of {peak_tf:g} TFLOP/s ({source})",
               flush=True)
+    bench.results["lora_remat"] = cfg.remat
     bench.results["lora_memory"] = memory_line()
     print(f"lora memory: {bench.results['lora_memory']}{note}; {compiled_memory(compiled)}", flush=True)
     del state, base
@@ -736,7 +777,8 @@ def summary(bench: Bench, incomplete: list[str] | None = None) -> None:
                 f" (model FLOPs only: {r['lora_model_fraction']:.1%})" if "lora_fraction" in r else "")
         if "lora_mfu" in r:
             rate += f", MFU {r['lora_mfu']:.2%} of the dense bf16 peak"
-        print(f"summary: LoRA step (remat={bench.args.remat}) {r['lora_s'] * 1e3:.1f} ms{rate}; {r['lora_memory']}")
+        remat = r.get("lora_remat", bench.args.remat) + (", chosen by auto" if bench.args.remat == "auto" else "")
+        print(f"summary: LoRA step (remat={remat}) {r['lora_s'] * 1e3:.1f} ms{rate}; {r['lora_memory']}")
     for key in sorted(k for k in r if k.endswith("_attention")):
         print(f"summary: {key.removesuffix('_attention')} measured with {r[key]}")
     if incomplete is None:
@@ -760,7 +802,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--score-steps", type=int, default=2, help="scored early steps k")
     ap.add_argument("--sample-modes", default="one,full,early", help="subset of one,full,early")
     ap.add_argument("--sample-repeat", type=int, default=1, help="timed runs per sampling mode (median)")
-    ap.add_argument("--remat", default="full", choices=("full", "dots", "nothing", "none"), help="LoRA step remat")
+    ap.add_argument("--remat", default="full", choices=("full", "dots", "nothing", "none", "auto"),
+                    help="LoRA step remat (default full); auto: compile none, dots, full in turn and time the first "
+                         "XLA plans within 90 %% of the device's memory, as train.py's remat=auto, printing each plan")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank")
     ap.add_argument("--peak-tflops", type=float, default=0.0, metavar="TFLOPS",
                     help="the device's dense bf16 peak for the LoRA step's MFU (default 0: the data sheet's, "

@@ -87,6 +87,18 @@ def test_bench_gpu_flux_toy_runs_every_section():
     assert re.search(r"^summary: LoRA step \(remat=full\)", out, re.MULTILINE)
 
 
+def test_lora_remat_auto_prints_each_plan_and_times_the_choice():
+    """--remat auto: the LoRA step compiled under XLA's plans as the trainer's remat="auto" does;
+    on this host's memory the toy step's first policy, none, fits and is the one timed."""
+    proc = _run("--repeat", "2", "--sections", "lora", "--remat", "auto")
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{proc.stderr[-4000:]}"
+    assert re.search(r"^lora remat auto: none \(XLA's plans per device: none [0-9.]+ GiB; budget [0-9.]+ GiB of the "
+                     r"device's [0-9.]+\)$", out, re.MULTILINE), out
+    assert re.search(r"^lora: .* remat=none, ", out, re.MULTILINE), out
+    assert re.search(r"^summary: LoRA step \(remat=none, chosen by auto\)", out, re.MULTILINE), out
+
+
 def test_budgeted_run_merges_children_into_one_summary_and_json(tmp_path):
     """--budget-s runs each group in its own process; the parent's summary and --results-json
     hold what every child measured."""
