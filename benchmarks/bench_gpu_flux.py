@@ -580,36 +580,30 @@ def compiled_memory(compiled: Any) -> str:
 
 def auto_remat_step(bench: Bench, cfg: FluxConfig, graphdef: Any, state: list, base: Any, batch: dict,
                     tx: Any) -> tuple[FluxConfig, Any, Any, float]:
-    """--remat auto: the LoRA step compiled with remat none, dots, full in turn until XLA's plan
-    (`memory.planned_peak_bytes`) is within the device's budget (`memory.memory_budget`), as the
-    trainer's remat="auto" chooses; every plan printed. (config, graphdef, compiled step, compile
-    seconds of the one chosen)."""
-    from pico_jax.memory import GiB, memory_budget, planned_peak_bytes
-    from pico_jax.trainer import REMAT_AUTO_ORDER, choose_remat
+    """--remat auto: the LoRA step compiled with remat none, dots, full in turn until XLA's plan is
+    within the device's budget, as the trainer's remat="auto" chooses (`memory.first_that_fits`);
+    every plan printed. (config, graphdef, compiled step, compile seconds of the one chosen)."""
+    from pico_jax.memory import GiB, first_that_fits, memory_budget
+    from pico_jax.trainer import REMAT_AUTO_ORDER, graphdef_with_remat
 
     budget, limit = memory_budget()
-    plans, steps = {}, {}
-    for policy in REMAT_AUTO_ORDER:
-        model = nnx.merge(graphdef, state[0], base)
-        model.config = model.config.replace(remat=policy)
-        variant, _, _ = nnx.split(model, nnx.LoRAParam, ...)
-        del model
+    variants = {p: graphdef_with_remat(graphdef, (state[0], base), (nnx.LoRAParam, ...), p) for p in REMAT_AUTO_ORDER}
+    seconds = {}
+
+    def compile_one(policy):
         t0 = time.perf_counter()
-        compiled = make_lora_step(variant, tx, cfg.guidance_embeds).lower(state[0], state[1], base, batch).compile()
-        plans[policy] = planned_peak_bytes(compiled)
-        steps[policy] = (variant, compiled, time.perf_counter() - t0)
-        if choose_remat(plans, budget) == policy:
-            break
-    chosen = choose_remat(plans, budget) or min((p for p in plans if plans[p] is not None), key=plans.get,
-                                                default=REMAT_AUTO_ORDER[-1])
+        compiled = make_lora_step(variants[policy], tx, cfg.guidance_embeds).lower(state[0], state[1], base, batch).compile()
+        seconds[policy] = time.perf_counter() - t0
+        return compiled
+
+    chosen, compiled, plans, _ = first_that_fits(REMAT_AUTO_ORDER, compile_one, budget)
     gib = lambda b: "n/a" if b is None else f"{b / GiB:.2f} GiB"
     print(f"lora remat auto: {chosen} (XLA's plans per device: "
           + ", ".join(f"{p} {gib(b)}" for p, b in plans.items())
           + (f"; budget {budget / GiB:.2f} GiB of the device's {limit / GiB:.2f})" if limit else "; no limit known)"),
           flush=True)
     bench.results["lora_remat_plans_gib"] = {p: None if b is None else b / GiB for p, b in plans.items()}
-    variant, compiled, compile_s = steps[chosen]
-    return cfg.replace(remat=chosen), variant, compiled, compile_s
+    return cfg.replace(remat=chosen), variants[chosen], compiled, seconds[chosen]
 
 
 def section_lora(bench: Bench) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,24 @@ def agreed(value: int, how) -> int:
     from jax.experimental import multihost_utils
 
     return int(how(np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)))
+
+
+def first_that_fits(candidates: Sequence[Any], compile_one: Callable[[Any], Any],
+                    budget: float) -> tuple[Any, Any, dict[Any, int | None], bool]:
+    """Compile `compile_one(c)` for each candidate in order until XLA's plan for one
+    (`planned_peak_bytes`, the largest over processes, so that every process picks the same
+    program) is within `budget` bytes per device. Returns (the candidate, its compiled program,
+    each tried candidate's plan, whether it fits); if none fits, the one planning the least (the
+    last where no plan is reported). Collective: every process must call it."""
+    plans: dict[Any, int | None] = {}
+    best = None  # (candidate, compiled) planning the least so far
+    for candidate in candidates:
+        compiled = compile_one(candidate)
+        planned = agreed(planned_peak_bytes(compiled) or -1, max)  # -1: not reported
+        plans[candidate] = None if planned < 0 else planned
+        if planned >= 0 and planned <= budget:
+            return candidate, compiled, plans, True
+        least = best is not None and plans[best[0]] is not None and (planned < 0 or plans[best[0]] <= planned)
+        if not least:
+            best = (candidate, compiled)
+    return best[0], best[1], plans, False

@@ -508,24 +508,22 @@ class Pipeline:
         return self._programs[key]
 
     def _fitted_to_memory(self, plan: SamplingPlan, inputs: tuple) -> Any:
-        """The sampler compiled for seed batches plan.seeds, then halved (rounded up), until XLA's
-        plan per device (the largest over processes) fits the budget; at one seed, whatever it
-        plans, with a warning if it does not fit. Collective on a multi-host mesh."""
-        from pico_jax.memory import GiB, agreed, memory_budget, planned_peak_bytes
+        """The sampler compiled for seed batches plan.seeds, then halved (rounded up) down to one,
+        until XLA's plan per device fits the budget (`memory.first_that_fits`); with a warning if
+        even one seed at a time does not. Collective on a multi-host mesh."""
+        from pico_jax.memory import GiB, first_that_fits, memory_budget
 
         budget, _ = memory_budget(self.device_memory_gib)
-        tried: dict[int, int | None] = {}
-        k = plan.seeds
-        while True:
-            compiled = self._fn(dataclasses.replace(plan, seed_batch=k)).lower(*inputs).compile()
-            planned = agreed(planned_peak_bytes(compiled) or -1, max)  # -1: not reported
-            tried[k] = None if planned < 0 else planned
-            if planned < 0 or planned <= budget or k == 1:
-                break
-            k = -(-k // 2)
-        if tried[k] is not None and tried[k] > budget:
-            warnings.warn(f"the sampler plans {tried[k] / GiB:.2f} GiB per device even with one seed at a time, over "
-                          f"the {budget / GiB:.2f} GiB budget: it may run out of memory. Lower the batch size or "
+        sizes = [plan.seeds]
+        while sizes[-1] > 1:
+            sizes.append(-(-sizes[-1] // 2))
+        compile_one = lambda k: self._fn(dataclasses.replace(plan, seed_batch=k)).lower(*inputs).compile()
+        k, compiled, tried, fits = first_that_fits(sizes, compile_one, budget)
+        if not fits:
+            planned = "an unknown amount" if tried[k] is None else f"{tried[k] / GiB:.2f} GiB"
+            seeds = "one seed" if k == 1 else f"{k} seeds"
+            warnings.warn(f"the sampler plans {planned} per device even with {seeds} at a time, over the "
+                          f"{budget / GiB:.2f} GiB budget: it may run out of memory. Lower the batch size or "
                           "split the model (--mesh fsdp=N)", stacklevel=3)
         self.seed_batches[plan] = (k, tried)
         return compiled

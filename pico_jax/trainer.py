@@ -269,6 +269,14 @@ def choose_remat(plans: dict[str, int | None], budget: float) -> str | None:
     return next((p for p in REMAT_AUTO_ORDER if plans.get(p) is not None and plans[p] <= budget), None)
 
 
+def graphdef_with_remat(graphdef, states: tuple, filters: tuple, policy: str):
+    """`graphdef` with the layer stacks' remat policy set to `policy`: the model merged from
+    `states`, its static config changed, split again by `filters` (the same states, no copies)."""
+    model = nnx.merge(graphdef, *states)
+    model.config = model.config.replace(remat=policy)
+    return nnx.split(model, *filters)[0]
+
+
 def trainable_filter(cfg: TrainConfig):
     return nnx.LoRAParam if cfg.lora_rank > 0 else nnx.Param
 
@@ -542,49 +550,36 @@ class Trainer:
         # Traced under the mesh so the scanned layers gather their weights over 'fsdp' (parallel.on_mesh).
         return body, on_mesh(jit_train_step(body, self.trainable, self._opt_shardings, self.ema, self.mesh), self.mesh)
 
-    def _with_remat(self, policy: str):
-        """This run's model graph with the layer stacks' remat policy set to `policy` (the same
-        parameters: only the static config differs)."""
-        model = nnx.merge(self.graphdef, self.trainable, self.frozen)
-        model.config = model.config.replace(remat=policy)
-        graphdef, _, _ = nnx.split(model, trainable_filter(self.cfg), ...)
-        return graphdef
-
     def resolve_remat(self, batch: dict) -> str:
-        """remat="auto": compile the step for each policy of REMAT_AUTO_ORDER in turn, on `batch`'s
-        shapes, until XLA's plan for one (`memory.planned_peak_bytes`, the largest over processes,
-        so that every process picks the same program) fits `memory.memory_budget`; that compiled step is
-        the one that runs. Collective: every process calls it. If none fits, the one planning the
-        least runs, with a warning. A policy that fits costs one compile, as the first step would."""
+        """remat="auto": the step compiled for each policy of REMAT_AUTO_ORDER in turn, on `batch`'s
+        shapes, until XLA's plan for one fits `memory.memory_budget` (`memory.first_that_fits`);
+        that compiled step is the one that runs. Collective: every process calls it. If none fits,
+        the one planning the least runs, with a warning. A policy that fits costs one compile, as
+        the first step would."""
         import warnings
 
-        from pico_jax.memory import GiB, agreed, memory_budget, planned_peak_bytes
+        from pico_jax.memory import GiB, first_that_fits, memory_budget
 
         if self.remat is not None:
             return self.remat
         self._budget = budget, _ = memory_budget(self.cfg.device_memory_gib)  # collective: asked once
         args = (self.trainable, self.frozen, self.conditioning, self.opt_state, self.ema, batch, jnp.int32(self.step))
-        steps = {}  # policy -> (graphdef, body, compiled step)
-        for policy in REMAT_AUTO_ORDER:
-            graphdef = self._with_remat(policy)
-            body, jitted = self._jitted_step(graphdef)
-            compiled = jitted.lower(*args).compile()
-            planned = agreed(planned_peak_bytes(compiled) or -1, max)  # -1: not reported
-            self.remat_plans[policy] = None if planned < 0 else planned
-            steps[policy] = (graphdef, body, compiled)
-            if choose_remat(self.remat_plans, budget) == policy:
-                break
-        chosen = choose_remat(self.remat_plans, budget)
-        if chosen is None:
-            known = {p: b for p, b in self.remat_plans.items() if b is not None}
-            chosen = min(known, key=known.get) if known else REMAT_AUTO_ORDER[-1]  # unknown: the least kept
+        graphdefs = {p: graphdef_with_remat(self.graphdef, (self.trainable, self.frozen), (trainable_filter(self.cfg), ...), p)
+                     for p in REMAT_AUTO_ORDER}
+        bodies = {}
+
+        def compile_one(policy):
+            bodies[policy], jitted = self._jitted_step(graphdefs[policy])
+            return jitted.lower(*args).compile()
+
+        chosen, compiled, self.remat_plans, fits = first_that_fits(REMAT_AUTO_ORDER, compile_one, budget)
+        if not fits:
             gib = lambda b: "unknown" if b is None or b == math.inf else f"{b / GiB:.2f} GiB"
             warnings.warn(f"remat auto: no policy's step fits {gib(budget)} per device ("
                           + ", ".join(f"{p} {gib(b)}" for p, b in self.remat_plans.items())
                           + f"); running {chosen!r}, the smallest. Lower batch_size, raise grad_accum_steps "
                           "or shard the model (--mesh fsdp=N).", stacklevel=2)
-        self.remat = chosen
-        self.graphdef, self._step_body, self.step_fn = steps[chosen]
+        self.remat, self.graphdef, self._step_body, self.step_fn = chosen, graphdefs[chosen], bodies[chosen], compiled
         return self.remat
 
     def remat_report(self) -> dict:

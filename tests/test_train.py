@@ -411,6 +411,29 @@ def test_choose_remat_takes_the_least_recomputation_that_fits():
     assert choose_remat({}, 1000) is None
 
 
+def test_first_that_fits_stops_at_the_first_fit_else_takes_the_least():
+    from types import SimpleNamespace
+
+    from pico_jax.memory import first_that_fits
+
+    def fake(planned):  # a compiled program whose plan is `planned` bytes (None: not reported)
+        if planned is None:
+            return SimpleNamespace(memory_analysis=lambda: None)
+        return SimpleNamespace(memory_analysis=lambda: SimpleNamespace(
+            argument_size_in_bytes=planned, output_size_in_bytes=0, alias_size_in_bytes=0, temp_size_in_bytes=0,
+            generated_code_size_in_bytes=0))
+
+    compiled = []
+    compile_one = lambda plans: lambda c: compiled.append(c) or fake(plans[c])
+    plans = {"a": 100, "b": 60, "c": 30}
+    assert first_that_fits("abc", compile_one(plans), 60)[::2] == ("b", {"a": 100, "b": 60}) and compiled == ["a", "b"]
+    choice, program, tried, fits = first_that_fits("abc", compile_one({"a": 50, "b": 40, "c": 45}), 10)
+    assert (choice, fits, tried) == ("b", False, {"a": 50, "b": 40, "c": 45})
+    assert program.memory_analysis().argument_size_in_bytes == 40
+    assert first_that_fits("abc", compile_one({"a": None, "b": None, "c": None}), 1e9)[0] == "c"  # unknown: the last
+    assert first_that_fits("abc", compile_one({"a": 70, "b": None, "c": None}), 10)[0] == "a"  # the least known
+
+
 def _deep(**kw) -> TrainConfig:
     """Eight layers at batch 8 on 256 tokens: activations outweigh the weights, so remat saves memory."""
     cfg = micro(mesh="data=1", panel=32, **kw)
