@@ -9,8 +9,8 @@ python train.py --config configs/flux_dev_lora.py --workdir runs/flux-lora \
 remat="auto" runs the step with the least recomputation that fits the devices' memory, by XLA's
 plan, compiled before the first step (XLA:CPU's plans, bench_compile.py --step train --remat auto):
 
-  --mesh fsdp=8  planned per device: none 37.3 GiB, dots 19.8, full 8.7; all-gather 38.5 GiB a
-                 step under none, 45.0 under full
+  --mesh fsdp=8  planned per device: none 37.1 GiB, dots 19.8, full 8.7; all-gather 32.5 GiB a
+                 step under none, 33.0 under dots and full
   --mesh data=8  none 54.7 GiB (the bf16 base on every device), dots 40.5, full 29.4; only the
                  factors' gradient moves (0.42 GiB a step)
 

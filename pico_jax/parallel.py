@@ -411,6 +411,23 @@ def split_by_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(lead, *([None] * (x.ndim - 1))))
 
 
+def split_like_contracted_width(x: jax.Array) -> jax.Array:
+    """`x` (..., D) split over 'fsdp' along D as a kernel's contracted width ('embed') is, whole
+    along its other axes; unchanged without a context mesh with 'fsdp' (or where it does not divide D).
+
+    For products whose operand is a few vectors, not tokens (FLUX's modulations of every layer
+    at once, `flux.layer_modulations`): then each device multiplies its own rows of the kernel
+    and the partial (few-row) results are summed over 'fsdp', instead of every device gathering
+    the kernel. Left to itself XLA's partitioner gathered the stacked modulation kernels in fp32
+    (FLUX.1-dev forward on fsdp=8: all-gather 22.1 → 28.1 GiB, temporaries 1.1 → 16.1 GiB;
+    benchmarks/RESULTS.md, thirty-first session)."""
+    if not fsdp_gathering():
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    width = _mesh_axes("embed", x.shape[-1], mesh)
+    return jax.lax.with_sharding_constraint(x, P(*([None] * (x.ndim - 1)), width))
+
+
 def on_mesh(fn, mesh: Mesh):
     """`fn` (a jitted function) called, and so traced, with `mesh` as JAX's context mesh, which
     `fsdp_gather_layer` reads; `.lower` too. Use it for every program over a mesh with 'fsdp'."""

@@ -539,6 +539,78 @@ def test_narrow_product_gradient_runs_narrow_and_matches_fp32():
     assert _dot_operand_dtypes(hlo) == [("f32", "f32")]
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fp32 conversion is XLA:CPU's")
+def test_a_one_row_narrow_product_stays_narrow_and_matches():
+    """One row (a modulation of one example), stacked over layers as `layer_modulations` multiplies
+    it: the product and its input gradient take bf16 operands and equal the fp32 product's within
+    bf16 rounding. The control: XLA:CPU multiplies a plain one-row bf16 dot in fp32, converting
+    the whole stacked kernel."""
+    from pico_jax.model.flux import narrow_product
+
+    g = np.random.default_rng(0)
+    x = jnp.asarray(g.standard_normal((3, 1, 64)), jnp.bfloat16)
+    w = jnp.asarray(g.standard_normal((3, 64, 96)) / 8, jnp.bfloat16)
+    ct = jnp.asarray(g.standard_normal((3, 1, 96)), jnp.float32)
+    f32 = lambda a: a.astype(jnp.float32)
+    loss = lambda fn: (lambda x, w, ct: jnp.sum(jax.vmap(fn)(x, w) * ct))  # w, ct as arguments: not folded
+
+    got, want = jax.vmap(narrow_product)(x, w), jnp.einsum("lrk,lko->lro", f32(x), f32(w))
+    assert got.shape == (3, 1, 96) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    dx = jax.grad(loss(narrow_product))(x, w, ct)
+    dx_want = jax.grad(loss(lambda x, w: jnp.dot(f32(x), f32(w))))(x, w, ct)
+    assert float(jnp.max(jnp.abs(f32(dx) - dx_want))) < 2**-6 * float(jnp.max(jnp.abs(dx_want)))
+    np.testing.assert_allclose(narrow_product(x[0, 0], w[0]), want[0, 0], rtol=1e-5, atol=1e-5)  # a vector
+
+    assert set(_dot_operand_dtypes(jax.jit(jax.vmap(narrow_product)).lower(x, w).compile().as_text())) == {("bf16", "bf16")}
+    assert set(_dot_operand_dtypes(jax.jit(jax.grad(loss(narrow_product))).lower(x, w, ct).compile().as_text())) == {("bf16", "bf16")}
+    plain = jax.vmap(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+    assert set(_dot_operand_dtypes(jax.jit(plain).lower(x, w).compile().as_text())) == {("f32", "f32")}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_every_layers_modulation_at_once_equals_each_layers_own(dtype, monkeypatch):
+    """`layer_modulations` (every layer's modulation before the scan) equals each layer's mod Dense
+    applied alone, LoRA branch included, and the model's forward equals one whose blocks compute
+    their own modulation inside the scan."""
+    from pico_jax.model import flux
+    from pico_jax.model.flux import FluxTransformer, layer_modulations
+    from pico_jax.model.lora import add_lora
+
+    cfg = FluxConfig(num_double=2, num_single=3, num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6),
+                     in_channels=8, context_dim=12, pooled_dim=10)
+    model = FluxTransformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    add_lora(model, rank=2, targets="all", rngs=nnx.Rngs(1))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):  # B = 0 would hide the branch
+        var.set_value(jnp.asarray(np.random.default_rng(len(path)).standard_normal(var.shape) * 0.3, dtype))
+    vec = jnp.asarray(np.random.default_rng(2).standard_normal((2, cfg.width)), dtype)
+    for stack in (model.double_blocks.img.mod, model.double_blocks.txt.mod, model.single_blocks.mod):
+        graphdef, state = nnx.split(stack)
+        got = layer_modulations(stack, vec)
+        layers = jax.tree.leaves(state)[0].shape[0]
+        want = jnp.stack([nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))(jax.nn.silu(vec))
+                          for i in range(layers)])
+        assert got.shape == want.shape == (layers, 2, stack.kernel.shape[-1]) and got.dtype == dtype
+        tol = 1e-6 if dtype == jnp.float32 else 1e-2
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+    g = np.random.default_rng(3)
+    n, t = 16, 5
+    args = (jnp.asarray(g.standard_normal((2, n, 8)), dtype), jnp.asarray(g.standard_normal((2, t, 12)), dtype),
+            jnp.asarray(g.standard_normal((2, 10)), dtype), jnp.asarray([0.3, 0.8]),
+            jnp.zeros((n, 3)), jnp.zeros((t, 3)), jnp.asarray([3.5, 3.5]))
+    hoisted = model(*args)
+    inside = flux.scan_blocks
+
+    def with_own_modulation(body, carry, stacked, xs, *rest, unscanned=None):  # the control
+        return inside(lambda block, c, x: body(block, c, (x[0], None)), carry, stacked, xs, *rest)
+
+    monkeypatch.setattr(flux, "scan_blocks", with_own_modulation)
+    per_layer = model(*args)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(hoisted, np.float32), np.asarray(per_layer, np.float32), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_split_columns_gradient_concatenates(dtype):
     """split_columns: the same halves and the same gradient as slicing, the gradient built by a

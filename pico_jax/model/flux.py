@@ -32,7 +32,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pico_jax.backend import target_backend, trace_setting
 from pico_jax.model.attention import NARROW_FLOATS, AttentionHooks, Captured, attention
-from pico_jax.parallel import fsdp_gather_layer, fsdp_gathering, save_all_but_gathered_weights
+from pico_jax.parallel import (fsdp_gather_layer, fsdp_gathering, save_all_but_gathered_weights,
+                               split_like_contracted_width)
 
 
 # --------------------------------------------------------------------------------------- config
@@ -250,7 +251,22 @@ def narrow_product(x: jax.Array, w: jax.Array) -> jax.Array:
     (benchmarks/RESULTS.md, tenth session). dw contracts over tokens, the leading axis of both
     operands, which XLA:CPU multiplies in fp32 whatever the operands (it is dead code in a LoRA
     step, where w is frozen)."""
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+    return _product_of_rows(x, w, w_axis=0)
+
+
+def _product_of_rows(x: jax.Array, w: jax.Array, w_axis: int) -> jax.Array:
+    """x (..., K) times w contracted over its axis `w_axis` (0: w is (K, O); 1: w is (O, K)), in fp32.
+
+    A single row (an embedder or a modulation of one example) is multiplied as two equal rows,
+    and one kept: XLA:CPU gives a one-row dot to its own matrix-vector code, not YNNPACK's, and
+    converts the whole of a bf16 w to fp32 first (benchmarks/RESULTS.md, thirty-first session).
+    `layer_modulations` does the same for its batch, whatever its split over devices."""
+    contract = (((x.ndim - 1,), (w_axis,)), ((), ()))
+    if math.prod(x.shape[:-1]) != 1:
+        return jax.lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
+    twice = jnp.broadcast_to(x.reshape(1, -1), (2, x.shape[-1]))
+    y = jax.lax.dot_general(twice, w, (((1,), (w_axis,)), ((), ())), preferred_element_type=jnp.float32)
+    return y[0].reshape(*x.shape[:-1], -1)
 
 
 def _narrow_product_fwd(x, w):
@@ -260,7 +276,7 @@ def _narrow_product_fwd(x, w):
 def _narrow_product_bwd(residuals, g):
     x, w = residuals
     g = g.astype(x.dtype)
-    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dx = _product_of_rows(g, w, w_axis=1)
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # tokens of all examples
     dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return dx.astype(x.dtype), dw.astype(w.dtype)
@@ -515,8 +531,8 @@ class StreamParams(nnx.Module):
         self.mlp_in = Dense(D, M, **kw)
         self.mlp_out = Dense(M, D, **kw)
 
-    def pre_attention(self, x, vec, heads):
-        mod = self.mod(jax.nn.silu(vec))[:, None, :]
+    def pre_attention(self, x, vec, heads, mod=None):
+        mod = (self.mod(jax.nn.silu(vec)) if mod is None else mod)[:, None, :]
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
         h = modulate(x, shift1, scale1)
         b, n, _ = h.shape
@@ -538,9 +554,11 @@ class DoubleBlock(nnx.Module):
         self.txt = StreamParams(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.heads = cfg.num_heads
 
-    def __call__(self, img, txt, vec, cos, sin, hooks, capture_on, edit_on):
-        (iq, ik, iv), imods = self.img.pre_attention(img, vec, self.heads)
-        (tq, tk, tv), tmods = self.txt.pre_attention(txt, vec, self.heads)
+    def __call__(self, img, txt, vec, cos, sin, hooks, capture_on, edit_on, mods=None):
+        """mods: the (img, txt) modulation outputs if computed already (`layer_modulations`)."""
+        img_mod, txt_mod = (None, None) if mods is None else mods
+        (iq, ik, iv), imods = self.img.pre_attention(img, vec, self.heads, img_mod)
+        (tq, tk, tv), tmods = self.txt.pre_attention(txt, vec, self.heads, txt_mod)
         q = apply_rope(jnp.concatenate([tq, iq], 1), cos, sin)
         k = apply_rope(jnp.concatenate([tk, ik], 1), cos, sin)
         v = jnp.concatenate([tv, iv], 1)
@@ -564,8 +582,10 @@ class SingleBlock(nnx.Module):
         self.k_norm = RMSNorm(cfg.head_dim, param_dtype=param_dtype)
         self.heads, self.width = cfg.num_heads, D
 
-    def __call__(self, x, vec, cos, sin, hooks, capture_on, edit_on):
-        shift, scale, gate = jnp.split(self.mod(jax.nn.silu(vec))[:, None, :], 3, axis=-1)
+    def __call__(self, x, vec, cos, sin, hooks, capture_on, edit_on, mod=None):
+        """mod: the modulation output if computed already (`layer_modulations`)."""
+        mod = self.mod(jax.nn.silu(vec)) if mod is None else mod
+        shift, scale, gate = jnp.split(mod[:, None, :], 3, axis=-1)
         h = self.linear1(modulate(x, shift, scale))
         b, n, _ = h.shape
         hd = self.width // self.heads  # columns are head-grouped: per head [q, k, v, mlp share]
@@ -670,12 +690,21 @@ def scaled_time(t, dtype) -> jax.Array:
     return (jnp.asarray(t).astype(dtype) * jnp.asarray(1000, dtype)).astype(jnp.float32)
 
 
-def scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 1, compute_dtype=None):
+def scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 1, compute_dtype=None,
+                unscanned: Any = None):
     """lax.scan of `body(block, carry, x) -> (carry, y)` over a stacked module's layers.
 
     compute_dtype: the layers' compute dtype, so that over 'fsdp' the weights they cast to it are
-    gathered in it (`fsdp_gather_layer`)."""
-    graphdef, state = nnx.split(stacked)
+    gathered in it (`fsdp_gather_layer`).
+    unscanned: an nnx filter of parameters the body does not read (computed from already, outside
+    the scan: `layer_modulations`). They are neither sliced nor gathered per layer; the block sees
+    shape-only placeholders in their place."""
+    if unscanned is None:
+        graphdef, state = nnx.split(stacked)
+        placeholders = ()
+    else:
+        graphdef, left_out, state = nnx.split(stacked, unscanned, ...)
+        placeholders = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), left_out),)
     if remat != "none" and remat not in _REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose none, {', '.join(_REMAT_POLICIES)}")
     if _WITHOUT_REMAT.get():
@@ -688,7 +717,7 @@ def scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 
 
     def layer_step(layer_state, carry, x):
         # Under a context mesh with 'fsdp', the layer's weights are gathered here, one layer at a time.
-        return body(nnx.merge(graphdef, fsdp_gather_layer(layer_state, compute_dtype)), carry, x)
+        return body(nnx.merge(graphdef, *placeholders, fsdp_gather_layer(layer_state, compute_dtype)), carry, x)
 
     if remat != "none":
         layer_step = jax.checkpoint(layer_step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
@@ -706,6 +735,33 @@ def scan_blocks(body, carry, stacked: nnx.Module, xs, remat: str, unroll: int = 
 
     scanned = (jnp.arange(jax.tree.leaves(state)[0].shape[0]) if by_bits else state, xs)
     return jax.lax.scan(step, carry, scanned, unroll=unroll)
+
+
+MODULATION = nnx.PathContains("mod")  # the blocks' modulation layers (`mod`, in StreamParams and SingleBlock)
+
+
+def layer_modulations(stacked_dense: nnx.Module, vec: jax.Array) -> jax.Array:
+    """`dense(silu(vec))` for every layer of a stacked modulation Dense at once: (layers, B, out).
+
+    A block's modulation depends on the conditioning vector alone, not on the tokens, so every
+    layer's can be computed before the scan, in one product over the stacked kernel, instead of
+    one matrix-vector product a layer. The scan then neither slices those kernels per layer nor,
+    over 'fsdp', gathers them: FLUX.1-dev's modulation kernels are 3.23 B of its 11.90 B
+    parameters (27 %), gathered at every model call for a product with one vector per example.
+    Here each device multiplies its own rows of them and the partial results are summed
+    (`parallel.split_like_contracted_width`): FLUX.1-dev's forward on fsdp=8 all-gathers
+    16.1 GiB per call instead of 22.1 (benchmarks/RESULTS.md, thirty-first session)."""
+    graphdef, state = nnx.split(stacked_dense)
+    layers = jax.tree.leaves(state)[0].shape[0]
+    # x batched over the layers too: a batched product, which XLA:CPU runs in bf16 (with x shared,
+    # the stacked kernel was one (D, layers·out) operand, converted to fp32 on every call). Where
+    # the product is narrow_product's (bf16 on CPU), two copies of x: a split batch leaves a
+    # device one row of it, and XLA:CPU multiplies one row in fp32 (`_product_of_rows`), which
+    # planned 11.8 GiB of fp32 kernels per device for FLUX.1-Fill-dev's training step on data=8.
+    copies = 2 if accumulation_dtype(stacked_dense.dtype) != jnp.dtype(stacked_dense.dtype) else 1
+    x = jnp.broadcast_to(jax.nn.silu(vec), (layers, copies, *vec.shape))
+    out = jax.vmap(lambda layer, x: nnx.merge(graphdef, layer)(x))(state, split_like_contracted_width(x))
+    return out[:, 0]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -917,21 +973,28 @@ class FluxTransformer(nnx.Module):
         else:
             flags = jnp.stack([hooks.capture, hooks.edit], -1)
 
-        def double_body(block, carry, f):
-            img, txt = carry
-            img, txt, stats = block(img, txt, vec, cos, sin, hooks, f[0], f[1])
+        # Every layer's modulation up front (`layer_modulations` says why), scanned with the flags.
+        double_mods = (layer_modulations(self.double_blocks.img.mod, vec),
+                       layer_modulations(self.double_blocks.txt.mod, vec))
+        single_mods = layer_modulations(self.single_blocks.mod, vec)
+
+        def double_body(block, carry, x):
+            (img, txt), (f, mods) = carry, x
+            img, txt, stats = block(img, txt, vec, cos, sin, hooks, f[0], f[1], mods)
             return (img, txt), stats
 
-        (img, txt), d_stats = scan_blocks(double_body, (img, txt), self.double_blocks, flags[: cfg.num_double], cfg.remat,
-                                          cfg.scan_unroll, self.dtype)
+        (img, txt), d_stats = scan_blocks(double_body, (img, txt), self.double_blocks,
+                                          (flags[: cfg.num_double], double_mods), cfg.remat, cfg.scan_unroll,
+                                          self.dtype, unscanned=MODULATION)
 
-        def single_body(block, x, f):
-            return block(x, vec, cos, sin, hooks, f[0], f[1])
+        def single_body(block, x, xs):
+            f, mod = xs
+            return block(x, vec, cos, sin, hooks, f[0], f[1], mod)
 
         n_txt = txt.shape[1]
         x, s_stats = scan_blocks(
-            single_body, jnp.concatenate([txt, img], 1), self.single_blocks, flags[cfg.num_double :], cfg.remat,
-            cfg.scan_unroll, self.dtype,
+            single_body, jnp.concatenate([txt, img], 1), self.single_blocks, (flags[cfg.num_double :], single_mods),
+            cfg.remat, cfg.scan_unroll, self.dtype, unscanned=MODULATION,
         )
         img = x[:, n_txt:]
 
