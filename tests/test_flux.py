@@ -541,10 +541,10 @@ def test_narrow_product_gradient_runs_narrow_and_matches_fp32():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fp32 conversion is XLA:CPU's")
 def test_a_one_row_narrow_product_stays_narrow_and_matches():
-    """One row (a modulation of one example), stacked over layers as `layer_modulations` multiplies
-    it: the product and its input gradient take bf16 operands and equal the fp32 product's within
-    bf16 rounding. The control: XLA:CPU multiplies a plain one-row bf16 dot in fp32, converting
-    the whole stacked kernel."""
+    """One row (an embedder or a modulation of one example), vmapped over a stack of kernels: the
+    product and its input gradient take bf16 operands and equal the fp32 product's within bf16
+    rounding. The control: XLA:CPU multiplies a plain one-row bf16 dot in fp32, converting the
+    whole stacked kernel."""
     from pico_jax.model.flux import narrow_product
 
     g = np.random.default_rng(0)
