@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main(argv=None):
-    from pico_jax.infer import GATHER_WEIGHTS_CHOICES  # the CLIs' choices, without importing jax
+    from pico_jax.infer import GATHER_WEIGHTS_PROGRAMS  # the sampler's two programs, without importing jax
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mesh", default="fsdp=4,tensor=2")
@@ -79,10 +79,11 @@ def main(argv=None):
     ap.add_argument("--score-steps", type=int, default=4, help="scored early steps for --step sample (default 4)")
     ap.add_argument("--seed-batch", type=int, default=None,
                     help="seeds run together for --step sample (default: all, the GPU/TPU program)")
-    ap.add_argument("--gather-weights", choices=GATHER_WEIGHTS_CHOICES, default="per_layer",
+    ap.add_argument("--gather-weights", choices=GATHER_WEIGHTS_PROGRAMS, default="per_layer",
                     help="for --step sample over 'fsdp': each layer's weights gathered at every model call "
                          "(per_layer, the default) or the whole model once per call (per_call), as "
-                         "Pipeline(gather_weights=...)")
+                         "Pipeline(gather_weights=...) runs them; its default, auto, runs per_call where "
+                         "this plan fits the device's memory")
     ap.add_argument("--no-gather", action="store_true",
                     help="trace without the context mesh, so the layers do not gather their weights over 'fsdp': "
                          "the plan XLA's partitioner picks alone (what every program had before the seventeenth "

@@ -121,13 +121,13 @@ def checkpoint_fingerprint(path: str | os.PathLike | None = None) -> str:
 
 def load_pico(
     path: str | os.PathLike | None = None, dtype: Any = None, batch_size: int = 4, mesh: Any = None,
-    gather_weights: str = "per_layer", **plan_overrides
+    gather_weights: str = "auto", **plan_overrides
 ):
     """Load a pico checkpoint directory into a Pipeline (None: the bundled pico-tiny).
 
     mesh: a `jax.sharding.Mesh` (`pico_jax.parallel.make_mesh`) to run on several devices; the
     transformer's parameters go straight onto their shards as they are read.
-    gather_weights: over 'fsdp', "per_layer" or "per_call" (`Pipeline`)."""
+    gather_weights: over 'fsdp', "auto", "per_layer" or "per_call" (`Pipeline`)."""
     from pico_jax.convert import load_flux_transformer
     from pico_jax.pipeline import Pipeline, check_gather_weights
 

@@ -78,8 +78,6 @@ def enable_compile_cache(setting: str | None = None, *, prog: str = "pico_jax") 
 
 
 def _has_filelock() -> bool:
-    try:
-        import filelock  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("filelock") is not None

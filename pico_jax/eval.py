@@ -787,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--batch-size", type=int, default=4, help="episodes per compiled batch (default 4)")
     p.add_argument("--mesh", metavar="SPEC", help=MESH_FLAG_HELP)
-    p.add_argument("--gather-weights", choices=GATHER_WEIGHTS_CHOICES, default="per_layer", help=GATHER_WEIGHTS_FLAG_HELP)
+    p.add_argument("--gather-weights", choices=GATHER_WEIGHTS_CHOICES, default="auto", help=GATHER_WEIGHTS_FLAG_HELP)
     p.add_argument("--sample-seed", type=int, default=0, help="first diffusion seed (default 0)")
     p.add_argument("--episode-offset", type=int, default=0, help="first evaluation-seed index (default 0)")
     p.add_argument("--sheet-episodes", type=int, default=3, help="episodes per family on the picture sheet (default 3)")

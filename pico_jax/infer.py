@@ -21,12 +21,14 @@ MESH_FLAG_HELP = (
     "Default: one device"
 )
 
-GATHER_WEIGHTS_CHOICES = ("per_layer", "per_call")  # pico_jax.pipeline.GATHER_WEIGHTS, without importing jax
+GATHER_WEIGHTS_PROGRAMS = ("per_layer", "per_call")  # the two sampler programs (bench_compile compiles either)
+GATHER_WEIGHTS_CHOICES = ("auto", *GATHER_WEIGHTS_PROGRAMS)  # pico_jax.pipeline.GATHER_WEIGHTS, without importing jax
 GATHER_WEIGHTS_FLAG_HELP = (
-    "with --mesh over fsdp: when the sharded weights are gathered. per_layer (default): each layer's just "
-    "before it runs, at every model call, so no device holds more than a layer of them; per_call: the whole "
-    "model once per batch, held on every device for the batch (FLUX.1-dev: 22 GiB in bf16 instead of 623 "
-    "GiB gathered per 28-step batch on data=2,fsdp=4), for when it fits. No effect without fsdp"
+    "with --mesh over fsdp: when the sharded weights are gathered. per_layer: each layer's just before it "
+    "runs, at every model call, so no device holds more than a layer of them; per_call: the whole model once "
+    "per batch, held on every device for the batch (FLUX.1-dev on data=2,fsdp=4: 22 GiB in bf16 instead of "
+    "455 GiB gathered per 28-step batch); auto (default): per_call where XLA's plan for it fits the device's "
+    "memory, else per_layer (costs a second compile where it does not fit). No effect without fsdp"
 )
 
 DESCRIPTION = """\
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "first batch compiles each try); same results, only speed and memory change")
     p.add_argument("--batch-size", type=int, default=4, help="queries per compiled batch (default 4)")
     p.add_argument("--mesh", metavar="SPEC", help=MESH_FLAG_HELP)
-    p.add_argument("--gather-weights", choices=GATHER_WEIGHTS_CHOICES, default="per_layer", help=GATHER_WEIGHTS_FLAG_HELP)
+    p.add_argument("--gather-weights", choices=GATHER_WEIGHTS_CHOICES, default="auto", help=GATHER_WEIGHTS_FLAG_HELP)
     p.add_argument("--save-candidates", action="store_true", help="also write OUT/<query>_cand<i>.png for the kept seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile-cache", metavar="DIR", help=COMPILE_CACHE_HELP)
@@ -137,6 +139,24 @@ def throughput_line(batch_seconds: list[float], batch_sizes: list[int]) -> str:
         line += (f"; {batch_seconds[0]:.1f} s for the first batch, which compiles, then "
                  f"{sum(batch_sizes[1:]) / rest:.3g} queries/s")
     return line + ")"
+
+
+def fitted_program_line(fitted, seeds: int) -> str:
+    """What the memory chose for the sampler (a `pipeline.FittedProgram`), for the user: the seed
+    batch where it is less than all seeds, the gather over fsdp where that was open; '' where
+    there is nothing to say."""
+    gib = lambda b: "an unknown amount" if b is None else f"{b / 2**30:.2f} GiB"
+    k, gather, tried = fitted.seed_batch, fitted.gather_weights, fitted.tried
+    parts = []
+    if "seed_batch" in fitted.open and k < seeds:
+        parts.append(f"seeds ran {k} at a time: all {seeds} together planned {gib(tried[next(iter(tried))])} per "
+                     "device, over the memory budget (--seed-batch sets it)")
+    if "gather_weights" in fitted.open and gather == "per_call":
+        parts.append(f"weights gathered once per batch ({gib(fitted.planned)} planned per device)")
+    elif "gather_weights" in fitted.open:
+        parts.append(f"weights gathered layer by layer: gathered once per batch they planned "
+                     f"{gib(tried[(k, 'per_call')])} per device, over the memory budget (--gather-weights sets it)")
+    return "; ".join(parts)
 
 
 class InputError(ValueError):
@@ -395,19 +415,20 @@ def main(argv=None) -> int:
     finally:
         if profiler:
             profiler.stop()  # a run that failed mid-trace still closes it
-        fitted = pipe.seed_batches.get(dataclasses.replace(plan, ensemble=None))
-        if fitted:  # the open seed batch, fitted to the device's memory
-            report["seed_batch_run"] = fitted[0]
+        fitted = pipe.fitted.get(dataclasses.replace(plan, ensemble=None))
+        if fitted:  # what was left open (the seed batch, the gather over fsdp), fitted to the device's memory
+            if "seed_batch" in fitted.open:
+                report["seed_batch_run"] = fitted.seed_batch
+            if "gather_weights" in fitted.open:
+                report["gather_weights_run"] = fitted.gather_weights
         if report["queries"]:  # only the writer has any
             report["seconds"] = round(time.time() - t0, 3)
             write_json_atomic(report, out / "scores.json")
     bar.close()
     if writer:
         print(f"wrote {len(rows)} result(s) to {out}/{throughput_line(batch_seconds, batch_sizes)}")
-        if fitted and fitted[0] < plan.seeds:
-            k, tried = fitted
-            print(f"seeds ran {k} at a time: all {plan.seeds} together planned {tried[plan.seeds] / 2**30:.2f} GiB per "
-                  f"device, over the memory budget (--seed-batch sets it)")
+        if fitted and (line := fitted_program_line(fitted, plan.seeds)):
+            print(line)
         if profiler:
             i = profiled_batch(len(starts))
             print(f"profile: batch {i + 1} of {len(starts)}{' (its compile included)' if len(starts) == 1 else ''} "

@@ -372,7 +372,25 @@ class Result:
     candidate_seeds: list[int] = dataclasses.field(default_factory=list)  # the seed of each candidate
 
 
-GATHER_WEIGHTS = ("per_layer", "per_call")  # also pico_jax.infer.GATHER_WEIGHTS_CHOICES, for a --help without jax
+GATHER_WEIGHTS = ("auto", "per_layer", "per_call")  # also pico_jax.infer.GATHER_WEIGHTS_CHOICES, for a --help without jax
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedProgram:
+    """What a plan's sampler was fitted to the device's memory as (`Pipeline.fitted`): the seeds run
+    together, when the weights are gathered over 'fsdp', XLA's plan per device (bytes; None: not
+    reported) for each (seed batch, gather_weights) compiled, in the order tried, and which of
+    the two the memory chose (`open`; the other is the plan's or the Pipeline's)."""
+
+    seed_batch: int | None  # None: the backend's default
+    gather_weights: str
+    tried: dict[tuple[int | None, str], int | None]
+    open: tuple[str, ...]  # "seed_batch", "gather_weights"
+
+    @property
+    def planned(self) -> int | None:
+        """XLA's plan per device for what ran."""
+        return self.tried[(self.seed_batch, self.gather_weights)]
 
 
 def check_gather_weights(value: str, name: str = "gather_weights") -> str:
@@ -393,16 +411,19 @@ class Pipeline:
     too but reshards the fused projections, README "What is not done yet") and each batch of
     queries is split over 'data' x 'fsdp'; the results are the same as on one device.
 
-    `gather_weights` says when a mesh with 'fsdp' gathers the weights: "per_layer" (default)
-    gathers each layer's just before it runs, at every model call of a sample (FLUX.1-dev on
-    data=2,fsdp=4: 623 GiB of all-gather per device per 28-step call), so no device holds more
-    than a layer of them; "per_call" gathers the whole model once per call (22 GiB there) and
-    holds it, in the compute dtype, on every device while the call runs: for when it fits.
+    `gather_weights` says when a mesh with 'fsdp' gathers the weights: "per_layer" gathers each
+    layer's just before it runs, at every model call of a sample (FLUX.1-dev on data=2,fsdp=4:
+    455 GiB of all-gather per device per 28-step call), so no device holds more than a layer of
+    them; "per_call" gathers the whole model once per call (22 GiB there) and holds it, in the
+    compute dtype, on every device while the call runs; "auto" (default) runs per_call where XLA's
+    plan for it fits the device's memory, else per_layer. Without 'fsdp' there is nothing to gather.
 
     A plan that leaves `seed_batch` open runs every seed together on a GPU or TPU; when XLA's plan
     for that program does not fit the device's memory (`memory.memory_budget`, or
-    `device_memory_gib`), the seeds run in smaller groups, halving until one fits (the first
-    batch compiles each try; `seed_batches` records what ran). The results do not depend on it.
+    `device_memory_gib`), the seeds run in smaller groups, halving until one fits. With both open,
+    more seeds together comes first: all seeds gathered per call, all seeds per layer, half the
+    seeds per call, ... (the first batch compiles each try; `fitted` records what ran). The
+    results do not depend on either.
     """
 
     def __init__(
@@ -417,7 +438,7 @@ class Pipeline:
         query_hint: bool = False,
         prediction: str = "velocity",
         mesh: Mesh | None = None,
-        gather_weights: str = "per_layer",
+        gather_weights: str = "auto",
         device_memory_gib: float = 0.0,
     ):
         self.gather_weights = check_gather_weights(gather_weights)
@@ -443,9 +464,8 @@ class Pipeline:
         self._ae_graphdef, self._ae_state = nnx.split(autoencoder)
         self._compiled: dict[Any, Any] = {}
         self._programs: dict[Any, Any] = {}  # plan -> what runs it (`_program`)
-        # plan -> (seeds run together, {seed batch tried: planned bytes per device}), where a
-        # plan's open seed batch was fitted to the memory
-        self.seed_batches: dict[SamplingPlan, tuple[int, dict[int, int | None]]] = {}
+        # plan -> how its sampler was fitted to the memory, where its seed batch or the gather was open
+        self.fitted: dict[SamplingPlan, FittedProgram] = {}
 
     def update_weights(self, transformer: FluxTransformer) -> None:
         """Sample with new weights for the same model (a training run's current or EMA weights):
@@ -472,12 +492,14 @@ class Pipeline:
         return load_pico(path, **overrides)
 
     # --- running ---------------------------------------------------------------------------
-    def _fn(self, plan: SamplingPlan):
+    def _fn(self, plan: SamplingPlan, gather_weights: str):
+        """The jitted sampler for `plan` (ensembling aside) with the weights gathered as
+        `gather_weights` says ("per_layer" or "per_call"; only over 'fsdp' does it matter)."""
         plan = dataclasses.replace(plan, ensemble=None)  # ensembling happens on the host: same program
-        key = plan
+        key = (plan, gather_weights)
         if key not in self._compiled:
             graphdef, ae_graphdef, layout = self._graphdef, self._ae_graphdef, self.layout
-            gather_once, compute_dtype = self.gather_weights == "per_call", self.transformer.dtype
+            gather_once, compute_dtype = gather_weights == "per_call", self.transformer.dtype
 
             def run(state, ae_state, canvas, text, seeds):
                 if gather_once:  # before the sampler's loops: each layer's own gather is then a no-op
@@ -494,38 +516,55 @@ class Pipeline:
                 self._compiled[key] = on_mesh(jax.jit(run, out_shardings=replicated(self.mesh)), self.mesh)
         return self._compiled[key]
 
+    def _gathers(self) -> list[str]:
+        """The gathers to try, best first: per_call before per_layer where `gather_weights` is
+        "auto" and the mesh has 'fsdp' (a sampler calls the model 28 times or more, and per_layer
+        gathers every layer at each call); where nothing is gathered, per_layer, which adds nothing."""
+        fsdp = self.mesh is not None and dict(self.mesh.shape).get("fsdp", 1) > 1
+        if self.gather_weights != "auto":
+            return [self.gather_weights]
+        return ["per_call", "per_layer"] if fsdp else ["per_layer"]
+
     def _program(self, plan: SamplingPlan, inputs: tuple) -> Any:
-        """What runs `plan` on `inputs` (the compiled function's arguments): its jitted sampler,
-        or, where the plan leaves the seed batch open and every seed would run together (GPU,
-        TPU), the compiled sampler for the most seeds at once whose plan fits the memory."""
+        """What runs `plan` on `inputs` (the compiled function's arguments): its jitted sampler, or,
+        where the plan leaves something to the memory (every seed together on a GPU or TPU, or the
+        gather over 'fsdp'), the first compiled candidate whose plan fits (`_fitted_to_memory`)."""
         key = dataclasses.replace(plan, ensemble=None)
         if key not in self._programs:
             one_at_a_time = plan.seeds == 1 or plan.selection == "random"  # one seed is sampled
             if one_at_a_time or plan.seed_batch is not None or seed_batch_for_backend(plan.seeds) < plan.seeds:
-                self._programs[key] = self._fn(plan)  # compiles at its first call
+                sizes = [plan.seed_batch]  # as the plan says (None: the backend's default)
             else:
-                self._programs[key] = self._fitted_to_memory(key, inputs)
+                sizes = [plan.seeds]
+                while sizes[-1] > 1:
+                    sizes.append(-(-sizes[-1] // 2))
+            candidates = [(k, g) for k in sizes for g in self._gathers()]
+            if len(candidates) == 1:
+                k, g = candidates[0]
+                self._programs[key] = self._fn(dataclasses.replace(key, seed_batch=k), g)  # compiles at its first call
+            else:
+                self._programs[key] = self._fitted_to_memory(key, candidates, inputs)
         return self._programs[key]
 
-    def _fitted_to_memory(self, plan: SamplingPlan, inputs: tuple) -> Any:
-        """The sampler compiled for seed batches plan.seeds, then halved (rounded up) down to one,
-        until XLA's plan per device fits the budget (`memory.first_that_fits`); with a warning if
-        even one seed at a time does not. Collective on a multi-host mesh."""
+    def _fitted_to_memory(self, plan: SamplingPlan, candidates: list[tuple[int | None, str]], inputs: tuple) -> Any:
+        """The sampler compiled for each (seed batch, gather_weights) candidate in order until XLA's
+        plan per device fits the budget (`memory.first_that_fits`); with a warning if none does.
+        Collective on a multi-host mesh."""
         from pico_jax.memory import GiB, first_that_fits, memory_budget
 
         budget, _ = memory_budget(self.device_memory_gib)
-        sizes = [plan.seeds]
-        while sizes[-1] > 1:
-            sizes.append(-(-sizes[-1] // 2))
-        compile_one = lambda k: self._fn(dataclasses.replace(plan, seed_batch=k)).lower(*inputs).compile()
-        k, compiled, tried, fits = first_that_fits(sizes, compile_one, budget)
+        compile_one = lambda c: self._fn(dataclasses.replace(plan, seed_batch=c[0]), c[1]).lower(*inputs).compile()
+        (k, gather), compiled, tried, fits = first_that_fits(candidates, compile_one, budget)
         if not fits:
-            planned = "an unknown amount" if tried[k] is None else f"{tried[k] / GiB:.2f} GiB"
-            seeds = "one seed" if k == 1 else f"{k} seeds"
-            warnings.warn(f"the sampler plans {planned} per device even with {seeds} at a time, over the "
-                          f"{budget / GiB:.2f} GiB budget: it may run out of memory. Lower the batch size or "
-                          "split the model (--mesh fsdp=N)", stacklevel=3)
-        self.seed_batches[plan] = (k, tried)
+            planned = "an unknown amount" if tried[(k, gather)] is None else f"{tried[(k, gather)] / GiB:.2f} GiB"
+            least = [] if len({c[0] for c in candidates}) == 1 else ["one seed at a time" if k == 1 else f"{k} seeds at a time"]
+            if len({c[1] for c in candidates}) > 1:
+                least.append(f"the weights gathered {gather.replace('_', ' ')}")
+            warnings.warn(f"the sampler plans {planned} per device even with {' and '.join(least)}, over the "
+                          f"{budget / GiB:.2f} GiB budget: it may run out of memory. Lower the batch size or split "
+                          "the model further (--mesh fsdp=N)", stacklevel=3)
+        chose = tuple(name for name, i in (("seed_batch", 0), ("gather_weights", 1)) if len({c[i] for c in candidates}) > 1)
+        self.fitted[plan] = FittedProgram(k, gather, tried, chose)
         return compiled
 
     def canvases(self, exemplar, exemplar_out, queries: Sequence[Any]) -> list[grid.Canvas]:

@@ -104,7 +104,9 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     sample_steps: int = 12
     # Over 'fsdp', when the sample sheets' sampler gathers the weights (Pipeline's gather_weights):
-    # "per_layer" at every model call, or "per_call", the whole model once per sheet.
+    # "per_layer" at every model call, "per_call", the whole model once per sheet, or "auto",
+    # per_call where XLA's plan fits. Not auto by default: that plan counts the sampler's own
+    # buffers, not the training state that stays on the devices beside it (Adam's moments).
     sample_gather_weights: str = "per_layer"
     # MFU's denominator: the device's dense matmul peak in TFLOP/s. 0: looked up from the device
     # kind (flops.peak_tflops: H100, H200, A100, TPU v4 / v5e / v5p / v6e, for a bf16/fp16 dtype);

@@ -355,17 +355,23 @@ def test_consensus_scorer_flag(tmp_path, imgs, checkpoint, capsys):
 def test_mesh_flag_paints_what_one_device_paints(tmp_path, imgs, checkpoint, capsys):
     """--mesh data=2,fsdp=2,tensor=2 --batch-size 4: two queries (padded to four), one per data x fsdp
     device, one head per tensor device; the same PNGs and seeds as one device at batch size 2, with
-    the weights gathered per layer (the default) or once per batch (--gather-weights per_call)."""
-    runs = {}
+    the weights gathered once per batch (--gather-weights auto, the default, where that fits: here it
+    does, and the run says so) or per layer (--gather-weights per_layer)."""
+    runs, stdout = {}, {}
     mesh = ["--mesh", "data=2,fsdp=2,tensor=2", "--batch-size", "4"]
-    for name, extra in (("one", ["--batch-size", "2"]), ("mesh", mesh), ("per_call", [*mesh, "--gather-weights", "per_call"])):
+    for name, extra in (("one", ["--batch-size", "2"]), ("auto", mesh), ("per_layer", [*mesh, "--gather-weights", "per_layer"])):
         out = tmp_path / name
         rc = main(["--checkpoint", checkpoint, "--exemplar", imgs["a"], imgs["a_out"], "--query", imgs["b"],
                    "--query", imgs["b2"], "--out", str(out), "--no-progress", *extra])
-        assert rc == 0, capsys.readouterr().err
-        runs[name] = out
-    chosen = lambda k: {q: v["chosen_seed"] for q, v in json.loads((runs[k] / "scores.json").read_text())["queries"].items()}
-    for other in ("mesh", "per_call"):
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        runs[name], stdout[name] = out, captured.out
+    report = lambda k: json.loads((runs[k] / "scores.json").read_text())
+    assert report("auto")["gather_weights_run"] == "per_call"
+    assert re.search(r"weights gathered once per batch \([0-9.]+ GiB planned per device\)", stdout["auto"])
+    assert "gather_weights_run" not in report("per_layer") and "gathered" not in stdout["per_layer"]
+    chosen = lambda k: {q: v["chosen_seed"] for q, v in report(k)["queries"].items()}
+    for other in ("auto", "per_layer"):
         assert _files(runs["one"]) == _files(runs[other])
         for f in _files(runs["one"]):
             if f.endswith(".png"):

@@ -21,6 +21,7 @@ from pico_jax.model.autoencoder import PixelAutoencoder
 from pico_jax.model.flux import FluxConfig, FluxTransformer
 from pico_jax.pipeline import (
     CanvasLayout,
+    FittedProgram,
     Pipeline,
     SamplingPlan,
     TextConditioning,
@@ -169,12 +170,16 @@ def test_an_open_seed_batch_runs_the_most_seeds_together_that_fit_the_memory(mod
     cramped = make(device_memory_gib=1e-6)
     with pytest.warns(UserWarning, match="even with one seed at a time"):
         cramped(a, a_out, qs)
-    k, tried = cramped.seed_batches[plan]
-    assert k == 1 and list(tried) == [4, 2, 1] and tried[4] > tried[2] > tried[1], tried
+    fit = cramped.fitted[plan]
+    tried = {k: b for (k, _), b in fit.tried.items()}  # one device: nothing to gather, per_layer only
+    assert (fit.seed_batch, fit.gather_weights, fit.open) == (1, "per_layer", ("seed_batch",))
+    assert list(fit.tried) == [(4, "per_layer"), (2, "per_layer"), (1, "per_layer")] and fit.planned == tried[1]
+    assert tried[4] > tried[2] > tried[1], tried
 
     fitted = make(device_memory_gib=(tried[2] + tried[4]) / 2 / HEADROOM / GiB)  # 2 together fit, 4 do not
     results = fitted(a, a_out, qs)
-    assert fitted.seed_batches[plan] == (2, {4: tried[4], 2: tried[2]})
+    assert fitted.fitted[plan] == FittedProgram(2, "per_layer", {(4, "per_layer"): tried[4], (2, "per_layer"): tried[2]},
+                                                ("seed_batch",))
     named = make(plan=dataclasses.replace(plan, seed_batch=2))(a, a_out, qs)
     for r, n in zip(results, named):
         np.testing.assert_array_equal(r.image, n.image)
@@ -182,7 +187,7 @@ def test_an_open_seed_batch_runs_the_most_seeds_together_that_fit_the_memory(mod
 
     roomy = make(device_memory_gib=1000.0)
     roomy(a, a_out, qs)
-    assert roomy.seed_batches[plan] == (4, {4: tried[4]})
+    assert roomy.fitted[plan] == FittedProgram(4, "per_layer", {(4, "per_layer"): tried[4]}, ("seed_batch",))
     with pytest.raises(ValueError, match="device_memory_gib must be > 0"):
         make(device_memory_gib=-1.0)
 
@@ -241,7 +246,8 @@ def test_pipeline_on_a_mesh_matches_one_device(spec, batch, model, ae, text, pip
     from pico_jax.parallel import make_mesh
 
     mesh = make_mesh(spec)
-    sharded = Pipeline(model, ae, text, panel=PANEL, plan=pipe.plan, batch_size=batch, mesh=mesh)
+    # per_layer, the sampler that moves least memory; per_call (and auto's choice) in the tests below
+    sharded = Pipeline(model, ae, text, panel=PANEL, plan=pipe.plan, batch_size=batch, mesh=mesh, gather_weights="per_layer")
     qkv = sharded.transformer.double_blocks.img.qkv.kernel[...]
     assert len(qkv.sharding.device_set) == 8
     if "tensor" in spec:  # (layers, width 32 over fsdp=4, 3 x 32 over tensor=2: one head's q, k, v each)
@@ -262,7 +268,7 @@ def _all_gather_bytes(pipeline: Pipeline) -> int:
 
     batch = np.zeros((pipeline.batch_size, 2 * PANEL, 2 * PANEL, 3), np.float32)
     seeds = np.arange(pipeline.plan.seeds, dtype=np.uint32)
-    lowered = pipeline._fn(pipeline.plan).lower(pipeline._state, pipeline._ae_state, *pipeline._inputs(batch, seeds))
+    lowered = pipeline._fn(pipeline.plan, pipeline.gather_weights).lower(pipeline._state, pipeline._ae_state, *pipeline._inputs(batch, seeds))
     return collective_bytes(lowered.compile().as_text())["all-gather"]
 
 
@@ -282,7 +288,7 @@ def test_weights_gathered_once_per_call_give_the_same_samples_and_gather_a_model
         np.testing.assert_allclose(g.image, w.image, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-6)
         assert g.chosen_seed == w.chosen_seed and g.candidate_seeds == w.candidate_seeds
-    per_layer = Pipeline(model, ae, text, panel=PANEL, plan=pipe.plan, batch_size=8, mesh=mesh)
+    per_layer = Pipeline(model, ae, text, panel=PANEL, plan=pipe.plan, batch_size=8, mesh=mesh, gather_weights="per_layer")
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     # what each model call's layers gather: not their modulation kernels (`flux.layer_modulations`)
     token_wise = sum(x.nbytes for k, x in jax.tree.leaves_with_path(nnx.state(model))
@@ -293,12 +299,78 @@ def test_weights_gathered_once_per_call_give_the_same_samples_and_gather_a_model
     assert gathered_per_layer - outputs > 8 * token_wise, (gathered_per_layer, token_wise)
 
 
+def test_auto_gathers_the_weights_once_per_call_where_that_fits_else_per_layer(ae, text):
+    """gather_weights="auto" (the default) on data=2,fsdp=4: with room, the per_call program, compiled
+    once; with a budget between the two plans, per_layer, without a warning; under every budget, the
+    plan that holds least (per_layer), with a warning naming it. The images are the same each time.
+    Without 'fsdp' nothing is fitted: there is nothing to gather."""
+    from pico_jax.memory import HEADROOM, GiB
+    from pico_jax.parallel import make_mesh
+
+    model = FluxTransformer(dataclasses.replace(CFG, num_double=2, num_single=2), rngs=nnx.Rngs(1))
+    plan, mesh = _plan("early", keep=2), make_mesh("data=2,fsdp=4")
+    make = lambda **kw: Pipeline(model, ae, text, panel=PANEL, plan=plan, batch_size=8, **kw)
+    a, a_out, *queries = _images(3, seed=2)
+
+    roomy = make(mesh=mesh, device_memory_gib=1000.0)
+    assert roomy.gather_weights == "auto"
+    want = roomy(a, a_out, queries, seed=7)
+    (per_call,) = roomy.fitted[plan].tried.values()
+    assert roomy.fitted[plan] == FittedProgram(None, "per_call", {(None, "per_call"): per_call}, ("gather_weights",))
+
+    cramped = make(mesh=mesh, device_memory_gib=1e-6)
+    with pytest.warns(UserWarning, match="even with the weights gathered per layer, over the"):
+        got = cramped(a, a_out, queries, seed=7)
+    tried = cramped.fitted[plan].tried
+    assert cramped.fitted[plan].gather_weights == "per_layer" and list(tried) == [(None, "per_call"), (None, "per_layer")]
+    assert tried[(None, "per_call")] == per_call > tried[(None, "per_layer")], tried  # the whole model on every device
+
+    between = make(mesh=mesh, device_memory_gib=(per_call + tried[(None, "per_layer")]) / 2 / HEADROOM / GiB)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        also = between(a, a_out, queries, seed=7)
+    assert between.fitted[plan] == FittedProgram(None, "per_layer", tried, ("gather_weights",))
+    for w, g, h in zip(want, got, also):
+        np.testing.assert_allclose(g.image, w.image, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(h.image, g.image)
+        assert g.chosen_seed == w.chosen_seed == h.chosen_seed
+
+    no_fsdp = make(mesh=make_mesh("data=8"))
+    no_fsdp(a, a_out, queries[:1], seed=7)
+    assert plan not in no_fsdp.fitted and no_fsdp._gathers() == ["per_layer"]
+
+
+def test_with_both_open_more_seeds_together_come_before_the_gather_once(model, ae, text, monkeypatch):
+    """An open seed batch on a GPU-like default and gather_weights="auto" over fsdp: the candidates
+    tried in order are all seeds gathered per call, all per layer, half per call, ... (the order of
+    `first_that_fits`'s list, read without compiling)."""
+    import pico_jax.memory as memory
+    import pico_jax.pipeline as pipeline_module
+    from pico_jax.parallel import make_mesh
+
+    class Listed(Exception):
+        pass
+
+    def listed(candidates, compile_one, budget):
+        raise Listed(list(candidates))
+
+    monkeypatch.setattr(pipeline_module, "seed_batch_for_backend", lambda seeds, backend=None: seeds)
+    monkeypatch.setattr(memory, "first_that_fits", listed)
+    pipe = Pipeline(model, ae, text, panel=PANEL, plan=_plan("early", seeds=3), batch_size=8, mesh=make_mesh("data=2,fsdp=4"))
+    with pytest.raises(Listed) as e:
+        pipe._program(pipe.plan, ())
+    assert e.value.args[0] == [(3, "per_call"), (3, "per_layer"), (2, "per_call"), (2, "per_layer"),
+                               (1, "per_call"), (1, "per_layer")]
+
+
 def test_gather_weights_must_be_a_known_choice(model, ae, text):
     from pico_jax.infer import GATHER_WEIGHTS_CHOICES
     from pico_jax.pipeline import GATHER_WEIGHTS
 
     assert GATHER_WEIGHTS_CHOICES == GATHER_WEIGHTS  # the CLIs' copy, kept so that --help needs no jax
-    with pytest.raises(ValueError, match=r"gather_weights 'once': one of per_layer, per_call"):
+    with pytest.raises(ValueError, match=r"gather_weights 'once': one of auto, per_layer, per_call"):
         Pipeline(model, ae, text, panel=PANEL, gather_weights="once")
     with pytest.raises(ValueError, match=r"gather_weights 'once'") as e:
         Pipeline.load(gather_weights="once")

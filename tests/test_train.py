@@ -618,7 +618,7 @@ def test_overrides_and_errors():
         apply_overrides(micro(), {"lr": "fast"})
     with pytest.raises(ValueError, match="divisible by data×fsdp"):
         Trainer(micro(mesh="data=8", batch_size=4), "/tmp/unused", progress=False)
-    with pytest.raises(ValueError, match="sample_gather_weights 'once': one of per_layer, per_call"):
+    with pytest.raises(ValueError, match="sample_gather_weights 'once': one of auto, per_layer, per_call"):
         Trainer(micro(sample_gather_weights="once"), "/tmp/unused", progress=False)
     with pytest.raises(ValueError, match="export_sampling: unknown key 'step'"):
         Trainer(micro(export_sampling={"step": 12}), "/tmp/unused", progress=False)
