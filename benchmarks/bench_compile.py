@@ -33,6 +33,12 @@ planned peak per device, and the policy `TrainConfig(remat="auto")` would run on
 
     python benchmarks/bench_compile.py --step train --batch 8 --rank 32 --mesh data=8 --remat auto
 
+--gather-weights auto (--step sample): the sampler compiled with the weights gathered per call,
+then per layer, each one's planned peak per device, and what `Pipeline(gather_weights="auto")`
+would run on devices of each --device-memory-gib.
+
+    python benchmarks/bench_compile.py --step sample --batch 8 --mesh data=2,fsdp=4 --gather-weights auto
+
 --platform cuda / tpu: the same programs traced for a GPU / TPU (cuDNN flash / Pallas splash
 attention, none of the CPU work-arounds) and lowered for it on this host, without compiling:
 a check that what a device would run traces, shards and lowers, before device time is spent.
@@ -50,7 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main(argv=None):
-    from pico_jax.infer import GATHER_WEIGHTS_PROGRAMS  # the sampler's two programs, without importing jax
+    from pico_jax.infer import GATHER_WEIGHTS_CHOICES  # the CLIs' choices, without importing jax
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mesh", default="fsdp=4,tensor=2")
@@ -64,7 +70,7 @@ def main(argv=None):
                     help="FluxConfig.remat of the layer stacks (default full); auto, with --step train: each of "
                          "none, dots, full, and which the trainer's remat='auto' would pick (see above)")
     ap.add_argument("--device-memory-gib", type=float, nargs="+", default=[59.7, 75.7], metavar="GIB",
-                    help="--remat auto: device limits to choose for, GiB (default 59.7 75.7: an 80 GB H100's "
+                    help="--remat auto, --gather-weights auto: device limits to choose for, GiB (default 59.7 75.7: an 80 GB H100's "
                          "79.65 GiB under JAX's default preallocation of 75 %%, and with "
                          "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank for --step lora and --step train")
@@ -79,11 +85,11 @@ def main(argv=None):
     ap.add_argument("--score-steps", type=int, default=4, help="scored early steps for --step sample (default 4)")
     ap.add_argument("--seed-batch", type=int, default=None,
                     help="seeds run together for --step sample (default: all, the GPU/TPU program)")
-    ap.add_argument("--gather-weights", choices=GATHER_WEIGHTS_PROGRAMS, default="per_layer",
+    ap.add_argument("--gather-weights", choices=GATHER_WEIGHTS_CHOICES, default="per_layer",
                     help="for --step sample over 'fsdp': each layer's weights gathered at every model call "
-                         "(per_layer, the default) or the whole model once per call (per_call), as "
-                         "Pipeline(gather_weights=...) runs them; its default, auto, runs per_call where "
-                         "this plan fits the device's memory")
+                         "(per_layer, the default here) or the whole model once per call (per_call), as "
+                         "Pipeline(gather_weights=...) runs them; auto: both, and which the Pipeline's default "
+                         "(auto) would run on devices of each --device-memory-gib")
     ap.add_argument("--no-gather", action="store_true",
                     help="trace without the context mesh, so the layers do not gather their weights over 'fsdp': "
                          "the plan XLA's partitioner picks alone (what every program had before the seventeenth "
@@ -101,7 +107,24 @@ def main(argv=None):
         if args.step != "train" or args.platform != "cpu":
             ap.error("--remat auto needs --step train and --platform cpu (it compiles each policy)")
         return _auto_remat(args)
+    if args.gather_weights == "auto":
+        if args.step != "sample" or args.platform != "cpu":
+            ap.error("--gather-weights auto needs --step sample and --platform cpu (it compiles both programs)")
+        return _auto_gather(args)
     measure(args)
+
+
+def _auto_gather(args) -> None:
+    """--gather-weights auto: both sampler programs measured, then the Pipeline's choice per limit."""
+    from pico_jax.memory import HEADROOM, GiB, first_within
+    from pico_jax.pipeline import GATHER_AUTO_ORDER
+
+    plans = {gather: measure(_with(args, gather_weights=gather)) for gather in GATHER_AUTO_ORDER}
+    for gib in args.device_memory_gib:
+        budget = HEADROOM * gib * GiB
+        chosen = first_within(GATHER_AUTO_ORDER, plans, budget)
+        print(f"gather_weights auto on {gib:g} GiB per device (budget {budget / GiB:.1f} GiB): "
+              + (chosen if chosen else f"neither fits; it would run the smaller, {min(plans, key=plans.get)}"))
 
 
 def _auto_remat(args) -> None:

@@ -21,8 +21,7 @@ MESH_FLAG_HELP = (
     "Default: one device"
 )
 
-GATHER_WEIGHTS_PROGRAMS = ("per_layer", "per_call")  # the two sampler programs (bench_compile compiles either)
-GATHER_WEIGHTS_CHOICES = ("auto", *GATHER_WEIGHTS_PROGRAMS)  # pico_jax.pipeline.GATHER_WEIGHTS, without importing jax
+GATHER_WEIGHTS_CHOICES = ("auto", "per_layer", "per_call")  # pico_jax.pipeline.GATHER_WEIGHTS, without importing jax
 GATHER_WEIGHTS_FLAG_HELP = (
     "with --mesh over fsdp: when the sharded weights are gathered. per_layer: each layer's just before it "
     "runs, at every model call, so no device holds more than a layer of them; per_call: the whole model once "

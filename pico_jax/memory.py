@@ -90,6 +90,13 @@ def agreed(value: int, how) -> int:
     return int(how(np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)))
 
 
+def first_within(order: Sequence[Any], plans: dict[Any, int | None], budget: float) -> Any | None:
+    """The first of `order` among `plans` (candidate → planned bytes per device, None: not
+    reported) whose plan is within `budget` bytes; None if none is. For plans already compiled;
+    `first_that_fits` compiles them in order and stops at the first."""
+    return next((c for c in order if plans.get(c) is not None and plans[c] <= budget), None)
+
+
 def first_that_fits(candidates: Sequence[Any], compile_one: Callable[[Any], Any],
                     budget: float) -> tuple[Any, Any, dict[Any, int | None], bool]:
     """Compile `compile_one(c)` for each candidate in order until XLA's plan for one

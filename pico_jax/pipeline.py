@@ -375,6 +375,9 @@ class Result:
 GATHER_WEIGHTS = ("auto", "per_layer", "per_call")  # also pico_jax.infer.GATHER_WEIGHTS_CHOICES, for a --help without jax
 
 
+GATHER_AUTO_ORDER = ("per_call", "per_layer")  # what gather_weights="auto" tries over 'fsdp', best first
+
+
 @dataclasses.dataclass(frozen=True)
 class FittedProgram:
     """What a plan's sampler was fitted to the device's memory as (`Pipeline.fitted`): the seeds run
@@ -523,7 +526,7 @@ class Pipeline:
         fsdp = self.mesh is not None and dict(self.mesh.shape).get("fsdp", 1) > 1
         if self.gather_weights != "auto":
             return [self.gather_weights]
-        return ["per_call", "per_layer"] if fsdp else ["per_layer"]
+        return list(GATHER_AUTO_ORDER) if fsdp else ["per_layer"]
 
     def _program(self, plan: SamplingPlan, inputs: tuple) -> Any:
         """What runs `plan` on `inputs` (the compiled function's arguments): its jitted sampler, or,

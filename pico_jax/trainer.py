@@ -268,7 +268,9 @@ def check_remat(cfg: TrainConfig) -> str:
 def choose_remat(plans: dict[str, int | None], budget: float) -> str | None:
     """The first policy of REMAT_AUTO_ORDER among `plans` (policy → planned bytes per device)
     whose plan is within `budget` bytes; None if none is."""
-    return next((p for p in REMAT_AUTO_ORDER if plans.get(p) is not None and plans[p] <= budget), None)
+    from pico_jax.memory import first_within
+
+    return first_within(REMAT_AUTO_ORDER, plans, budget)
 
 
 def graphdef_with_remat(graphdef, states: tuple, filters: tuple, policy: str):

@@ -134,6 +134,28 @@ def test_bench_compile_remat_auto_measures_each_policy_and_names_the_choice(monk
         bench_compile.main(["--step", "lora", "--remat", "auto"])
 
 
+def test_bench_compile_gather_auto_measures_both_samplers_and_names_the_choice(monkeypatch, capsys):
+    """--gather-weights auto compiles the sampler gathered per call, then per layer (stubbed: the
+    plans this session measured at full size) and prints what Pipeline(gather_weights="auto")
+    would run on each device size."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_compile
+
+    plans = {"per_call": 32.05, "per_layer": 10.32}  # GiB: FLUX.1-Fill-dev's sampler on data=2,fsdp=4
+    seen = []
+    monkeypatch.setattr(bench_compile, "measure",
+                        lambda a: seen.append(a.gather_weights) or int(plans[a.gather_weights] * 2**30))
+    bench_compile.main(["--step", "sample", "--mesh", "data=2,fsdp=4", "--gather-weights", "auto",
+                        "--device-memory-gib", "59.7", "30", "10"])
+    out = capsys.readouterr().out
+    assert seen == ["per_call", "per_layer"]
+    assert "gather_weights auto on 59.7 GiB per device (budget 53.7 GiB): per_call" in out
+    assert "gather_weights auto on 30 GiB per device (budget 27.0 GiB): per_layer" in out
+    assert "gather_weights auto on 10 GiB per device (budget 9.0 GiB): neither fits; it would run the smaller, per_layer" in out
+    with pytest.raises(SystemExit):
+        bench_compile.main(["--step", "forward", "--gather-weights", "auto"])
+
+
 @pytest.mark.parametrize("program", ["forward", "lora"])
 def test_profile_attributes_the_traced_time(program):
     """profile_forward.py at toy size: the cost analysis counts FLOPs, and the trace's op time is
