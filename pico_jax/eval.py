@@ -444,6 +444,10 @@ def evaluate(
         "seconds": {"total": round(time.time() - t0, 2), "early_runs": round(t_early, 2), "full_runs": round(t_full, 2),
                     "note": "includes jit compilation of each plan"},
         "early_vs_full_same_seed_max_abs_diff": max_seed_mismatch,
+        # what the device's memory chose for each plan's sampler, where something was open (the
+        # seed batch, the gather over fsdp); it changes speed and memory, not the results
+        "sampler_fitted": {name: pipeline.fitted[plan].to_json() for name, plan in
+                           (("plan_early", early_plan), ("plan_full", full_plan)) if plan in pipeline.fitted},
         **(settings_extra or {}),
     }
     results["summary"] = summarize(results["families"], n_boot=n_boot, seed=stats_seed)

@@ -395,6 +395,13 @@ class FittedProgram:
         """XLA's plan per device for what ran."""
         return self.tried[(self.seed_batch, self.gather_weights)]
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able record of it (for a results file): what ran, what the memory chose, and
+        every plan tried, in GiB per device."""
+        gib = lambda b: None if b is None else round(b / 2**30, 3)
+        return {"seed_batch": self.seed_batch, "gather_weights": self.gather_weights, "chosen_by_memory": list(self.open),
+                "plans_gib": [{"seed_batch": k, "gather_weights": g, "planned": gib(b)} for (k, g), b in self.tried.items()]}
+
 
 def check_gather_weights(value: str, name: str = "gather_weights") -> str:
     """`value` if it is one of GATHER_WEIGHTS (`Pipeline`'s `gather_weights`), else a ValueError naming `name`."""

@@ -298,6 +298,12 @@ def test_evaluation_on_a_mesh_matches_one_device(checkpoint, evaluated, tmp_path
                       sheet_episodes=2, progress=False)
     want, have = _numbers(res["families"]), _numbers(got["families"])
     assert want.keys() == have.keys() and len(want) > 50
+    # the default gather_weights="auto" over fsdp: the whole model once per call, which fits here
+    assert res["settings"]["sampler_fitted"] == {}  # one device: nothing was left to the memory
+    for name in ("plan_early", "plan_full"):
+        fitted = got["settings"]["sampler_fitted"][name]
+        assert fitted["gather_weights"] == "per_call" and fitted["chosen_by_memory"] == ["gather_weights"]
+        assert [p["gather_weights"] for p in fitted["plans_gib"]] == ["per_call"] and fitted["plans_gib"][0]["planned"] > 0
     for k in want:  # per-episode metrics and chosen seeds: equal up to float noise
         assert have[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
 
