@@ -29,6 +29,20 @@ def planned_peak_bytes(compiled: Any) -> int | None:
                + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes)
 
 
+def bytes_per_device(tree: Any) -> int:
+    """The most bytes any one of this process's devices holds of the arrays in `tree` (its
+    shards of each; a replicated array counts whole on every device)."""
+    import jax
+
+    held: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+            for device in leaf.sharding.addressable_devices:
+                held[device] = held.get(device, 0) + shard
+    return max(held.values(), default=0)
+
+
 def device_memory_limit(device: Any, local_devices: int = 1) -> int | None:
     """The bytes one device may hold. A GPU or TPU: its allocator's limit (`bytes_limit`; on a GPU
     the pool JAX preallocates, 75 % of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says

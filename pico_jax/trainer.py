@@ -105,9 +105,9 @@ class TrainConfig:
     sample_steps: int = 12
     # Over 'fsdp', when the sample sheets' sampler gathers the weights (Pipeline's gather_weights):
     # "per_layer" at every model call, "per_call", the whole model once per sheet, or "auto",
-    # per_call where XLA's plan fits. Not auto by default: that plan counts the sampler's own
-    # buffers, not the training state that stays on the devices beside it (Adam's moments).
-    sample_gather_weights: str = "per_layer"
+    # per_call where XLA's plan fits the device's memory less the training state the sampler does
+    # not read (Adam's moments, the weights not sampled: `Trainer.pipeline`).
+    sample_gather_weights: str = "auto"
     # MFU's denominator: the device's dense matmul peak in TFLOP/s. 0: looked up from the device
     # kind (flops.peak_tflops: H100, H200, A100, TPU v4 / v5e / v5p / v6e, for a bf16/fp16 dtype);
     # metrics rows carry "mfu" only when a peak is known.
@@ -684,7 +684,22 @@ class Trainer:
         return Pipeline(self.model(use_ema), self.ae, self.text, self.cfg.panel, batch_size=-(-batch_size // dp) * dp,
                         plan=plan or SamplingPlan(steps=self.cfg.sample_steps, mu=0.0),
                         query_hint=self.cfg.query_hint, prediction=self.cfg.prediction, mesh=self.mesh,
-                        gather_weights=self.cfg.sample_gather_weights)
+                        gather_weights=self.cfg.sample_gather_weights,
+                        device_memory_gib=self.memory_beside_training(use_ema))
+
+    def memory_beside_training(self, use_ema: bool = True) -> float:
+        """GiB per device a sampler on the training mesh may plan against (its Pipeline's
+        `device_memory_gib`; 0: unknown, the device's own): the device's memory less what the run
+        keeps there that the sampler does not read, the optimizer state and the weights it does
+        not sample (the live ones when it samples the EMA, or the EMA). XLA's plan for the sampler
+        counts its own arguments, so these are what it would otherwise leave out (full fine-tuning
+        with Adam: twice the trainable weights in fp32). Collective on a multi-host mesh."""
+        from pico_jax.memory import GiB, agreed, bytes_per_device, memory_budget
+
+        _, limit = memory_budget(self.cfg.device_memory_gib)
+        sampled_ema = use_ema and self.ema is not None
+        beside = agreed(bytes_per_device((self.opt_state, self.trainable if sampled_ema else self.ema)), max)
+        return 0.0 if limit is None else max(limit - beside, 1) / GiB
 
     # --- samples ---------------------------------------------------------------------------
     def save_samples(self, batch: dict, path: Path, n: int = 4):

@@ -264,8 +264,11 @@ def test_sample_sheets_compile_the_sampler_once_and_paint_with_the_current_weigh
     tr = Trainer(micro(mesh="fsdp=8", ema_decay=0.5, steps=2, sample_every=1, checkpoint_every=100), tmp_path, progress=False)
     tr.run()
     (pipe,) = tr._sample_pipelines.values()
-    (sampler,) = pipe._compiled.values()
-    assert sampler.__wrapped__._cache_size() == 1  # three sheets (steps 1, 2 and the end), one program
+    # three sheets (steps 1, 2 and the end), one program: the default gather (auto) compiled the
+    # per-call sampler once to read its plan, and that compiled program, which cannot recompile,
+    # painted every sheet
+    (fitted,) = pipe.fitted.values()
+    assert list(fitted.tried) == [(None, "per_call")] and len(pipe._compiled) == len(pipe._programs) == 1
     sheets = sorted((tmp_path / "samples").glob("step_*.png"))
     assert len(sheets) == 2  # step 2 is also the end: rewritten, not a third file
     host = next(iter(make_data(tr.cfg)))
@@ -434,6 +437,42 @@ def test_first_that_fits_stops_at_the_first_fit_else_takes_the_least():
     assert first_that_fits("abc", compile_one({"a": 70, "b": None, "c": None}), 10)[0] == "a"  # the least known
 
 
+def test_bytes_per_device_counts_each_device_s_shards():
+    from pico_jax.memory import bytes_per_device
+    from pico_jax.parallel import make_mesh
+
+    mesh = make_mesh("data=2,fsdp=4")
+    split = jax.device_put(jnp.zeros((8, 16), jnp.float32), jax.NamedSharding(mesh, jax.P("fsdp")))  # 2 rows each
+    whole = jax.device_put(jnp.zeros((3,), jnp.bfloat16), jax.NamedSharding(mesh, jax.P()))
+    one = jax.device_put(jnp.zeros((5,), jnp.float32), jax.devices()[1])
+    assert bytes_per_device(split) == 2 * 16 * 4 and bytes_per_device(whole) == 3 * 2
+    assert bytes_per_device({"a": split, "b": [whole, None]}) == 128 + 6
+    assert bytes_per_device((split, one)) == 128 + 20  # device 1 holds a shard of split and all of one
+    assert bytes_per_device(None) == 0
+
+
+def test_sample_sheets_plan_against_the_memory_less_the_training_state_beside_them():
+    """Trainer.pipeline's sampler fits its gather (auto, the default) to the device's memory less
+    the optimizer state and the weights it does not sample; on fsdp=8 with room it gathers per call."""
+    from pico_jax.memory import GiB, bytes_per_device
+
+    tr = Trainer(micro(mesh="fsdp=8", ema_decay=0.9, device_memory_gib=2.0), "/tmp/unused", progress=False)
+    assert tr.cfg.sample_gather_weights == "auto"
+    beside_ema = bytes_per_device((tr.opt_state, tr.trainable))  # sampling the EMA: the live weights are beside it
+    assert beside_ema > bytes_per_device(tr.opt_state) > 0
+    assert tr.memory_beside_training() * GiB == pytest.approx(2 * GiB - beside_ema)
+    assert tr.memory_beside_training(use_ema=False) * GiB == pytest.approx(2 * GiB - bytes_per_device((tr.opt_state, tr.ema)))
+    from pico_jax.pipeline import SamplingPlan
+
+    plan = SamplingPlan(steps=2, seeds=1, keep=1, selection="random")
+    pipe = tr.pipeline(plan, batch_size=8)
+    assert pipe.device_memory_gib == tr.memory_beside_training()
+    rng = np.random.default_rng(0)
+    a, a_out, q = [rng.random((16, 16, 3)).astype(np.float32) for _ in range(3)]
+    pipe(a, a_out, [q])
+    assert pipe.fitted[plan].gather_weights == "per_call"
+
+
 def _deep(**kw) -> TrainConfig:
     """Eight layers at batch 8 on 256 tokens: activations outweigh the weights, so remat saves memory."""
     cfg = micro(mesh="data=1", panel=32, **kw)
@@ -518,11 +557,13 @@ def test_trainer_pipeline_runs_on_the_training_mesh():
     for w, g in zip(alone(a, a_out, queries), on_mesh(a, a_out, queries)):
         np.testing.assert_allclose(g.image, w.image, rtol=1e-5, atol=1e-5)
         assert g.chosen_seed == w.chosen_seed
-    # The whole model gathered once per sheet instead of at every model call: the same images.
-    tr.cfg = dataclasses.replace(tr.cfg, sample_gather_weights="per_call")
-    once = tr.pipeline(plan, batch_size=3)
-    assert once.gather_weights == "per_call"
-    for w, g in zip(alone(a, a_out, queries), once(a, a_out, queries)):
+    # The default (auto) gathered the whole model once per sheet, which fits here; at every model
+    # call instead: the same images.
+    assert on_mesh.fitted[plan].gather_weights == "per_call"
+    tr.cfg = dataclasses.replace(tr.cfg, sample_gather_weights="per_layer")
+    per_layer = tr.pipeline(plan, batch_size=3)
+    assert per_layer.gather_weights == "per_layer"
+    for w, g in zip(alone(a, a_out, queries), per_layer(a, a_out, queries)):
         np.testing.assert_allclose(g.image, w.image, rtol=1e-5, atol=1e-5)
 
 
