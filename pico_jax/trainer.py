@@ -685,9 +685,9 @@ class Trainer:
                         plan=plan or SamplingPlan(steps=self.cfg.sample_steps, mu=0.0),
                         query_hint=self.cfg.query_hint, prediction=self.cfg.prediction, mesh=self.mesh,
                         gather_weights=self.cfg.sample_gather_weights,
-                        device_memory_gib=self.memory_beside_training(use_ema))
+                        device_memory_gib=self.sampler_memory_gib(use_ema))
 
-    def memory_beside_training(self, use_ema: bool = True) -> float:
+    def sampler_memory_gib(self, use_ema: bool = True) -> float:
         """GiB per device a sampler on the training mesh may plan against (its Pipeline's
         `device_memory_gib`; 0: unknown, the device's own): the device's memory less what the run
         keeps there that the sampler does not read, the optimizer state and the weights it does

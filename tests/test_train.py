@@ -460,13 +460,13 @@ def test_sample_sheets_plan_against_the_memory_less_the_training_state_beside_th
     assert tr.cfg.sample_gather_weights == "auto"
     beside_ema = bytes_per_device((tr.opt_state, tr.trainable))  # sampling the EMA: the live weights are beside it
     assert beside_ema > bytes_per_device(tr.opt_state) > 0
-    assert tr.memory_beside_training() * GiB == pytest.approx(2 * GiB - beside_ema)
-    assert tr.memory_beside_training(use_ema=False) * GiB == pytest.approx(2 * GiB - bytes_per_device((tr.opt_state, tr.ema)))
+    assert tr.sampler_memory_gib() * GiB == pytest.approx(2 * GiB - beside_ema)
+    assert tr.sampler_memory_gib(use_ema=False) * GiB == pytest.approx(2 * GiB - bytes_per_device((tr.opt_state, tr.ema)))
     from pico_jax.pipeline import SamplingPlan
 
     plan = SamplingPlan(steps=2, seeds=1, keep=1, selection="random")
     pipe = tr.pipeline(plan, batch_size=8)
-    assert pipe.device_memory_gib == tr.memory_beside_training()
+    assert pipe.device_memory_gib == tr.sampler_memory_gib()
     rng = np.random.default_rng(0)
     a, a_out, q = [rng.random((16, 16, 3)).astype(np.float32) for _ in range(3)]
     pipe(a, a_out, [q])
