@@ -148,7 +148,8 @@ def fitted_program_line(fitted, seeds: int) -> str:
     k, gather, tried = fitted.seed_batch, fitted.gather_weights, fitted.tried
     parts = []
     if "seed_batch" in fitted.open and k < seeds:
-        parts.append(f"seeds ran {k} at a time: all {seeds} together planned {gib(tried[next(iter(tried))])} per "
+        # all seeds with the gather that ran: tried before any smaller seed batch
+        parts.append(f"seeds ran {k} at a time: all {seeds} together planned {gib(tried[(seeds, gather)])} per "
                      "device, over the memory budget (--seed-batch sets it)")
     if "gather_weights" in fitted.open and gather == "per_call":
         parts.append(f"weights gathered once per batch ({gib(fitted.planned)} planned per device)")

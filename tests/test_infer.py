@@ -112,6 +112,22 @@ def test_profile_traces_the_second_batch_and_the_rate_leaves_out_the_first(tmp_p
     assert re.search(r"wrote 3 result\(s\) .* s for the first batch, which compiles, then [0-9.e+-]+ queries/s", stdout)
 
 
+def test_the_fitted_program_line_names_what_the_memory_chose_and_why():
+    from pico_jax.infer import fitted_program_line
+    from pico_jax.pipeline import FittedProgram
+
+    G = 2**30
+    both = FittedProgram(2, "per_layer", {(4, "per_call"): 40 * G, (4, "per_layer"): 30 * G, (2, "per_call"): 25 * G,
+                                          (2, "per_layer"): 15 * G}, ("seed_batch", "gather_weights"))
+    assert fitted_program_line(both, 4) == (
+        "seeds ran 2 at a time: all 4 together planned 30.00 GiB per device, over the memory budget (--seed-batch "
+        "sets it); weights gathered layer by layer: gathered once per batch they planned 25.00 GiB per device, over "
+        "the memory budget (--gather-weights sets it)")
+    once = FittedProgram(None, "per_call", {(None, "per_call"): G}, ("gather_weights",))
+    assert fitted_program_line(once, 8) == "weights gathered once per batch (1.00 GiB planned per device)"
+    assert fitted_program_line(FittedProgram(4, "per_layer", {(4, "per_layer"): G}, ("seed_batch",)), 4) == ""
+
+
 def test_seeds_fitted_to_the_memory_are_reported(tmp_path, imgs, checkpoint, capsys, monkeypatch):
     """Where the seed batch is left open and all seeds together would not fit (simulated: the GPU
     default and a budget no program meets), the run says how many ran together and why, and
