@@ -246,7 +246,7 @@ def test_pipeline_on_a_mesh_matches_one_device(spec, batch, model, ae, text, pip
     from pico_jax.parallel import make_mesh
 
     mesh = make_mesh(spec)
-    # per_layer, the sampler that moves least memory; per_call (and auto's choice) in the tests below
+    # per_layer, the sampler that holds the least; per_call (and auto's choice) in the tests below
     sharded = Pipeline(model, ae, text, panel=PANEL, plan=pipe.plan, batch_size=batch, mesh=mesh, gather_weights="per_layer")
     qkv = sharded.transformer.double_blocks.img.qkv.kernel[...]
     assert len(qkv.sharding.device_set) == 8
@@ -304,6 +304,8 @@ def test_auto_gathers_the_weights_once_per_call_where_that_fits_else_per_layer(a
     once; with a budget between the two plans, per_layer, without a warning; under every budget, the
     plan that holds least (per_layer), with a warning naming it. The images are the same each time.
     Without 'fsdp' nothing is fitted: there is nothing to gather."""
+    import warnings
+
     from pico_jax.memory import HEADROOM, GiB
     from pico_jax.parallel import make_mesh
 
@@ -326,8 +328,6 @@ def test_auto_gathers_the_weights_once_per_call_where_that_fits_else_per_layer(a
     assert tried[(None, "per_call")] == per_call > tried[(None, "per_layer")], tried  # the whole model on every device
 
     between = make(mesh=mesh, device_memory_gib=(per_call + tried[(None, "per_layer")]) / 2 / HEADROOM / GiB)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         also = between(a, a_out, queries, seed=7)
