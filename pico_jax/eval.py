@@ -734,6 +734,7 @@ def merge_results(parts: Sequence[dict], names: Sequence[str] | None = None,
         "bootstrap": {**ref["bootstrap"], "n_boot": n_boot, "seed": stats_seed},
         "seconds": {"total": round(sum(p["settings"]["seconds"]["total"] for p in parts), 2),
                     "note": "sum over the merged evaluations"},
+        "sampler_fitted": {name: p["settings"].get("sampler_fitted", {}) for name, p in zip(names, parts)},  # each part's own
         "merged_from": names,
     }
     results = {"families": families, "settings": settings}

@@ -327,6 +327,9 @@ def test_merge_of_a_split_evaluation_is_the_evaluation(evaluated):
     merged = ev.merge_results([b, a], names=["b.json", "a.json"], n_boot=1000)  # order does not matter
     assert merged["summary"] == ev._jsonable(res["summary"])
     assert merged["settings"]["episodes"] == EPISODES and merged["settings"]["merged_from"] == ["b.json", "a.json"]
+    b["settings"]["sampler_fitted"] = {"plan_early": {"gather_weights": "per_call"}}  # what one part's memory chose
+    merged = ev.merge_results([b, a], names=["b.json", "a.json"], n_boot=100)
+    assert merged["settings"]["sampler_fitted"] == {"b.json": {"plan_early": {"gather_weights": "per_call"}}, "a.json": {}}
     for fam in merged["families"].values():
         assert [e["index"] for e in fam["episodes"]] == list(range(EPISODES))
 
