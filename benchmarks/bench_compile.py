@@ -116,29 +116,29 @@ def main(argv=None):
 
 def _auto_gather(args) -> None:
     """--gather-weights auto: both sampler programs measured, then the Pipeline's choice per limit."""
-    from pico_jax.memory import HEADROOM, GiB, first_within
     from pico_jax.pipeline import GATHER_AUTO_ORDER
 
-    plans = {gather: measure(_with(args, gather_weights=gather)) for gather in GATHER_AUTO_ORDER}
-    for gib in args.device_memory_gib:
-        budget = HEADROOM * gib * GiB
-        chosen = first_within(GATHER_AUTO_ORDER, plans, budget)
-        print(f"gather_weights auto on {gib:g} GiB per device (budget {budget / GiB:.1f} GiB): "
-              + (chosen if chosen else f"neither fits; it would run the smaller, {min(plans, key=plans.get)}"))
+    _choose_by_plan(args, "gather_weights", GATHER_AUTO_ORDER)
 
 
 def _auto_remat(args) -> None:
     """--remat auto: every policy of REMAT_AUTO_ORDER measured, then the trainer's choice per limit."""
-    from pico_jax.memory import HEADROOM, GiB
-    from pico_jax.trainer import REMAT_AUTO_ORDER, choose_remat
+    from pico_jax.trainer import REMAT_AUTO_ORDER
 
-    plans = {}
-    for policy in REMAT_AUTO_ORDER:
-        plans[policy] = measure(_with(args, remat=policy))
+    _choose_by_plan(args, "remat", REMAT_AUTO_ORDER)
+
+
+def _choose_by_plan(args, setting: str, order) -> None:
+    """`args.<setting>` set to each of `order` in turn and measured; then what an "auto" choice
+    (`memory.first_within`, as the trainer's remat and the Pipeline's gather choose) would run on
+    devices of each --device-memory-gib."""
+    from pico_jax.memory import HEADROOM, GiB, first_within
+
+    plans = {choice: measure(_with(args, **{setting: choice})) for choice in order}
     for gib in args.device_memory_gib:
         budget = HEADROOM * gib * GiB
-        chosen = choose_remat(plans, budget)
-        print(f"remat auto on {gib:g} GiB per device (budget {budget / GiB:.1f} GiB): "
+        chosen = first_within(order, plans, budget)
+        print(f"{setting} auto on {gib:g} GiB per device (budget {budget / GiB:.1f} GiB): "
               + (chosen if chosen else f"none fits; it would run the smallest, {min(plans, key=plans.get)}"))
 
 

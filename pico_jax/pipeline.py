@@ -565,16 +565,17 @@ class Pipeline:
         budget, _ = memory_budget(self.device_memory_gib)
         compile_one = lambda c: self._fn(dataclasses.replace(plan, seed_batch=c[0]), c[1]).lower(*inputs).compile()
         (k, gather), compiled, tried, fits = first_that_fits(candidates, compile_one, budget)
+        fitted = FittedProgram(k, gather, tried, open=tuple(
+            name for name, i in (("seed_batch", 0), ("gather_weights", 1)) if len({c[i] for c in candidates}) > 1))
         if not fits:
-            planned = "an unknown amount" if tried[(k, gather)] is None else f"{tried[(k, gather)] / GiB:.2f} GiB"
-            least = [] if len({c[0] for c in candidates}) == 1 else ["one seed at a time" if k == 1 else f"{k} seeds at a time"]
-            if len({c[1] for c in candidates}) > 1:
-                least.append(f"the weights gathered {gather.replace('_', ' ')}")
-            warnings.warn(f"the sampler plans {planned} per device even with {' and '.join(least)}, over the "
-                          f"{budget / GiB:.2f} GiB budget: it may run out of memory. Lower the batch size or split "
-                          "the model further (--mesh fsdp=N)", stacklevel=3)
-        chose = tuple(name for name, i in (("seed_batch", 0), ("gather_weights", 1)) if len({c[i] for c in candidates}) > 1)
-        self.fitted[plan] = FittedProgram(k, gather, tried, chose)
+            planned = "an unknown amount" if fitted.planned is None else f"{fitted.planned / GiB:.2f} GiB"
+            least = {"seed_batch": "one seed at a time" if k == 1 else f"{k} seeds at a time",
+                     "gather_weights": f"the weights gathered {gather.replace('_', ' ')}"}
+            warnings.warn(f"the sampler plans {planned} per device even with "
+                          f"{' and '.join(least[name] for name in fitted.open)}, over the {budget / GiB:.2f} GiB budget: "
+                          "it may run out of memory. Lower the batch size or split the model further (--mesh fsdp=N)",
+                          stacklevel=3)
+        self.fitted[plan] = fitted
         return compiled
 
     def canvases(self, exemplar, exemplar_out, queries: Sequence[Any]) -> list[grid.Canvas]:

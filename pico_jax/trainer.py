@@ -265,14 +265,6 @@ def check_remat(cfg: TrainConfig) -> str:
     return cfg.remat
 
 
-def choose_remat(plans: dict[str, int | None], budget: float) -> str | None:
-    """The first policy of REMAT_AUTO_ORDER among `plans` (policy → planned bytes per device)
-    whose plan is within `budget` bytes; None if none is."""
-    from pico_jax.memory import first_within
-
-    return first_within(REMAT_AUTO_ORDER, plans, budget)
-
-
 def graphdef_with_remat(graphdef, states: tuple, filters: tuple, policy: str):
     """`graphdef` with the layer stacks' remat policy set to `policy`: the model merged from
     `states`, its static config changed, split again by `filters` (the same states, no copies)."""

@@ -151,7 +151,7 @@ def test_bench_compile_gather_auto_measures_both_samplers_and_names_the_choice(m
     assert seen == ["per_call", "per_layer"]
     assert "gather_weights auto on 59.7 GiB per device (budget 53.7 GiB): per_call" in out
     assert "gather_weights auto on 30 GiB per device (budget 27.0 GiB): per_layer" in out
-    assert "gather_weights auto on 10 GiB per device (budget 9.0 GiB): neither fits; it would run the smaller, per_layer" in out
+    assert "gather_weights auto on 10 GiB per device (budget 9.0 GiB): none fits; it would run the smallest, per_layer" in out
     with pytest.raises(SystemExit):
         bench_compile.main(["--step", "forward", "--gather-weights", "auto"])
 

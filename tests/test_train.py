@@ -405,13 +405,15 @@ def _metrics(workdir):
     return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_choose_remat_takes_the_least_recomputation_that_fits():
-    from pico_jax.trainer import choose_remat
+def test_first_within_takes_the_least_recomputation_that_fits():
+    from pico_jax.memory import first_within
+    from pico_jax.trainer import REMAT_AUTO_ORDER
 
+    choose = lambda plans, budget: first_within(REMAT_AUTO_ORDER, plans, budget)
     plans = {"none": 100, "dots": 60, "full": 30}
-    assert [choose_remat(plans, b) for b in (100, 99, 60, 59, 30, 29)] == ["none", "dots", "dots", "full", "full", None]
-    assert choose_remat({"none": None, "dots": 60}, 1000) == "dots"  # an unknown plan never fits
-    assert choose_remat({}, 1000) is None
+    assert [choose(plans, b) for b in (100, 99, 60, 59, 30, 29)] == ["none", "dots", "dots", "full", "full", None]
+    assert choose({"none": None, "dots": 60}, 1000) == "dots"  # an unknown plan never fits
+    assert choose({}, 1000) is None
 
 
 def test_first_that_fits_stops_at_the_first_fit_else_takes_the_least():
