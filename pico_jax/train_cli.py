@@ -40,8 +40,11 @@ examples:
   # give the memory to plan against (a shared GPU, or JAX's pool raised: XLA_PYTHON_CLIENT_MEM_FRACTION)
   python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set remat=full
   python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set device_memory_gib=40
-  # more input threads for a many-core host (benchmarks/bench_data.py says whether a step waits)
+  # more input threads for a many-core host (benchmarks/bench_data.py says whether a step waits),
+  # or worker processes, each with its own threads, where threads stop scaling (the same batches;
+  # a run resumes with the data_workers it was started with)
   python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set data_threads=16
+  python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set data_workers=4 --set data_threads=4
   # multi-host: run the same command on every host (jax.distributed is initialized from the
   # environment: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM or Open MPI,
   # or PICO_MULTIHOST=1 on TPU pods); e.g. on host i of 2:
@@ -104,6 +107,7 @@ def main(argv=None) -> int:
 
     maybe_initialize_distributed()
     enable_compile_cache(args.compile_cache, prog="train.py")
+    from pico_jax.safetensors_io import CheckpointError
     from pico_jax.trainer import NonFiniteLoss, Trainer, apply_overrides
 
     cfg = load_config_file(args.config)
@@ -129,6 +133,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    except CheckpointError as e:  # the workdir's checkpoint does not fit this run; nothing was trained
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
     if result["status"] == "preempted":
         print(f"preempted: checkpoint saved at step {result['step']}; re-run the same command to resume")

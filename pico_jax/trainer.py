@@ -86,6 +86,11 @@ class TrainConfig:
     # depend on it). Procedural 512-px episodes scale with cores (benchmarks/bench_data.py: 9.6
     # examples/s on one thread, 16.5 on two): raise it on a many-core host that feeds fast steps.
     data_threads: int = 4
+    # Worker processes per host (grain's mp_prefetch), each with data_threads read threads, for
+    # where threads stop scaling (the GIL, or many cores). 0: none, everything in this process.
+    # The batches do not depend on it, but a checkpoint resumes only with the value it was written
+    # with (the iterator's state is per worker).
+    data_workers: int = 0
     # parallelism / bookkeeping
     mesh: str | None = None
     # How the layer stacks trade memory for recomputation (FluxConfig.remat): "none" keeps every
@@ -443,12 +448,15 @@ def make_data(cfg: TrainConfig, shard_index=None, shard_count=None):
     return make_dataset(
         source, batch_size=per_host, seed=cfg.seed, image_size=cfg.panel, augment=cfg.augment,
         shard_index=shard_index, shard_count=shard_count, num_threads=cfg.data_threads,
+        worker_count=cfg.data_workers,
     )
 
 
 def check_data_threads(cfg: TrainConfig) -> None:
     if cfg.data_threads < 1:
         raise ValueError(f"data_threads must be >= 1 (got {cfg.data_threads})")
+    if cfg.data_workers < 0:
+        raise ValueError(f"data_workers must be >= 0 (got {cfg.data_workers})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -609,6 +617,7 @@ class Trainer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave({"iterator": state_to_bytes(iterator).decode(),
+                                        "data_workers": self.cfg.data_workers,
                                         "rng": {"seed": self.cfg.seed, "fold_in": "step"},
                                         "param_layout": PARAM_LAYOUT}),
             ),
@@ -636,6 +645,12 @@ class Trainer:
                 f"{PARAM_LAYOUT!r} (fused qkv / linear1 / linear2 columns grouped by head since the eighteenth "
                 "session); its weights would load permuted. Export it with the pico_jax that wrote it "
                 "(Trainer.export or save_lora_diffusers) and start from that file.")
+        workers = restored["data"].get("data_workers", 0)
+        if workers != self.cfg.data_workers:
+            raise CheckpointError(
+                f"{self.workdir / 'checkpoints' / str(latest)}: its data iterator was saved with data_workers={workers} "
+                f"and this run has data_workers={self.cfg.data_workers}; grain's iterator state is per worker, so resume "
+                f"with --set data_workers={workers} (the batches are the same either way).")
         st = restored["state"]
         self.trainable, self.opt_state, self.step = st["trainable"], st["opt_state"], int(st["step"])
         self.ema = st.get("ema")
@@ -741,7 +756,12 @@ class Trainer:
         dataset = make_data(cfg)
         iterator = iter(dataset)
         mngr = self._manager()
-        resumed = self.restore(mngr, iterator)
+        try:
+            resumed = self.restore(mngr, iterator)
+        except BaseException:
+            _close_iterator(iterator)
+            mngr.close()
+            raise
         metrics_path = self.workdir / "metrics.jsonl"
         if resumed and logs:
             _truncate_metrics(metrics_path, self.step)
@@ -839,6 +859,7 @@ class Trainer:
             mngr.wait_until_finished()
         finally:
             profiler.stop()
+            _close_iterator(iterator)
             mngr.close()
             bar.close()
             signal.signal(signal.SIGTERM, old)
@@ -858,6 +879,13 @@ def _remat_line(report: dict) -> str:
     return f"remat auto: {report['chosen']} (XLA's plan per device: {plans}; {budget})"
 
 
+def _close_iterator(iterator) -> None:
+    """Stops the data workers (data_workers > 0); a threads-only iterator has nothing to stop."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
 def _first_of_global_batch(host: dict, n: int) -> dict:
     """The first n examples of the global batch, the same on every process (the hosts' batches
     gathered; one host: its own batch), so every process samples the same preview sheet."""
@@ -866,7 +894,7 @@ def _first_of_global_batch(host: dict, n: int) -> dict:
         from jax.experimental import multihost_utils
 
         panels = multihost_utils.process_allgather(panels, tiled=True)
-    return {k: np.asarray(v[:n]) for k, v in panels.items()}
+    return {k: np.array(v[:n]) for k, v in panels.items()}  # a copy: a worker's batch lives in shared memory
 
 
 def _truncate_metrics(path: Path, step: int):

@@ -235,8 +235,31 @@ def test_bench_data_times_each_thread_count_against_the_step():
     assert proc.returncode == 0, f"{out}\n{proc.stderr[-4000:]}"
     assert re.search(r"^data: procedural, panel 16 .* batch 8 per host \(global 8 over 1\)", out, re.MULTILINE), out
     for threads in (1, 2):
-        rate = _number(rf"^data_threads {threads}: [0-9]+ ms per batch = ([0-9.]+) examples/s", out)
+        rate = _number(rf"^data_threads {threads}, data_workers 0: [0-9]+ ms per batch = ([0-9.]+) examples/s", out)
         assert rate > 0
     assert out.count("needs 0.0/s: keeps up") == 2
     bad = _run_data("--config", "configs/tiny.py", "--threads", "two")
     assert bad.returncode == 2 and "--threads 'two'" in bad.stderr
+    bad = _run_data("--config", "configs/tiny.py", "--workers", "-1")
+    assert bad.returncode == 2 and "--workers: every value must be >= 0" in bad.stderr
+
+
+def test_bench_data_times_the_tfds_reader_and_worker_processes():
+    """--build-visrel writes procedural episodes as a VisRel folder, builds the TFDS dataset in a
+    temporary directory (gone afterwards) and times its reader, here also in 2 worker processes."""
+    import glob
+    import tempfile
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "bench_data_visrel_*")))
+    proc = _run_data("--config", "configs/tiny.py", "--build-visrel", "2", "--workers", "0,2", "--batches", "2",
+                     "--rounds", "2")
+    out = proc.stdout
+    assert proc.returncode == 0, f"{out}\n{proc.stderr[-4000:]}"
+    families = int(re.search(r"^visrel: ([0-9]+) episodes of ([0-9]+) families as 16-px PNGs", out, re.MULTILINE)[2])
+    assert families >= 10, out
+    assert re.search(r"^data: visrel, panel 16 ", out, re.MULTILINE), out
+    for workers in (0, 2):  # each setting timed in both rounds, then its median
+        assert len(re.findall(rf"^round [12]/2: data_threads [0-9]+, data_workers {workers}: ", out, re.MULTILINE)) == 2
+        assert _number(rf"^data_threads [0-9]+, data_workers {workers}: [0-9]+ ms per batch = ([0-9.]+) examples/s "
+                       r"\(median of 2 rounds", out) > 0
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "bench_data_visrel_*"))) == before

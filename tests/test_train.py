@@ -125,6 +125,26 @@ def test_data_threads_change_the_speed_not_the_batches():
         Trainer(micro(data_threads=0), "/tmp/unused", progress=False, devices=jax.devices()[:1])
 
 
+def test_data_workers_train_the_same_run_and_resume_only_with_their_count(tmp_path):
+    """data_workers=2 (worker processes) trains on the batches of data_workers=0: the same losses,
+    also across a checkpoint and resume. A checkpoint written with workers is refused by a run
+    without them, by a CheckpointError naming the setting, before any step."""
+    one = jax.devices()[:1]
+    straight = Trainer(micro(mesh="data=1"), tmp_path / "a", progress=False, devices=one)
+    straight.run()
+    Trainer(micro(mesh="data=1", data_workers=2, steps=3), tmp_path / "b", progress=False, devices=one).run()
+    with pytest.raises(CheckpointError, match=r"data_workers=2 .* --set data_workers=2"):
+        Trainer(micro(mesh="data=1"), tmp_path / "b", progress=False, devices=one).run()
+    resumed = Trainer(micro(mesh="data=1", data_workers=2), tmp_path / "b", progress=False, devices=one)
+    assert resumed.run() == {"status": "finished", "step": 6}
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"], (ra, rb)
+    with pytest.raises(ValueError, match="data_workers must be >= 0"):
+        Trainer(micro(data_workers=-1), "/tmp/unused", progress=False, devices=one)
+
+
 def test_profile_traces_exactly_the_asked_steps(tmp_path):
     """profile_start_step=2, profile_steps=2: one jax.profiler trace in DIR/profile whose step
     annotations are steps 2 and 3, and the run goes on to the end."""
@@ -696,6 +716,15 @@ def test_cli_tiny_config_loss_goes_down(tmp_path):
     assert meta["sampling"]["steps"] == 3 and meta["sampling"]["seeds"] == 2
     assert meta["sampling"]["scorer"]["signal"] == "consensus" and meta["sampling"]["mu"] == 0.0
     assert list((tmp_path / "tensorboard").iterdir())
+    # Resumed with worker processes, the run's checkpoint (written without) is refused by name.
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    again = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
+                            "--workdir", str(tmp_path), "--no-progress", "--set", "data_workers=2", "--steps", "1000"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "train.py: error: " in again.stderr and "resume with --set data_workers=0" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == checkpoints
 
 
 def test_cli_bad_flags(tmp_path):

@@ -24,6 +24,8 @@ state is just a position and training resumes on exactly the next batch)::
     source -> shuffle(seed) -> repeat(num_epochs) -> random_map(augment) -> [host::hosts]
            -> to_iter_dataset(threads) -> batch(drop_remainder) [-> mp_prefetch(workers)]
 
+  (with workers, the host stream is first reordered so that the batches are those of no workers)
+
 * Global shuffle: all hosts apply the same per-epoch permutation (a different one each epoch) of
   the whole source, and the global stream is cut into global batches of ``P * b`` positions, of
   which host ``h`` of ``P`` takes the ``h``-th block of ``b``: the hosts partition every epoch
@@ -257,11 +259,14 @@ def make_dataset(
     repeats forever. ``shard_index`` / ``shard_count`` default to ``jax.process_index()`` /
     ``jax.process_count()``. ``task_names`` defaults to ``source.task_names`` (else a scan of the
     source). ``num_threads`` / ``prefetch_buffer_size`` are grain ``ReadOptions``;
-    ``worker_count > 0`` adds ``mp_prefetch`` worker processes (the source and its functions must
-    then be picklable; each worker batches its own slice, so the batch order depends on
-    ``worker_count`` -- deterministic, but resume with the same value; close the iterator with
-    ``it.close()`` when done).
+    ``worker_count > 0`` adds ``mp_prefetch`` worker processes, each running ``num_threads`` read
+    threads (the source and its functions must then be picklable). The batches are the same as
+    without workers (``_WorkerOrder``; on a finite stream, all but the last ``worker_count``
+    batches), but the iterator state is grain's per-worker one: resume with the same
+    ``worker_count``. Close the iterator with ``it.close()`` when done (it stops the workers).
     """
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= seed < 2**32:
@@ -293,6 +298,8 @@ def make_dataset(
     if num_epochs is not None:
         total -= total % shard_count
     positions = _HostPositions(total, batch_size, shard_count, shard_index)
+    if worker_count > 0:
+        positions = _WorkerOrder(positions, worker_count, batch_size)
     ds = grain.MapDataset.range(len(positions)).map(_Read(ds, positions))
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     ids = ids.batch(batch_size, drop_remainder=drop_remainder)
@@ -329,6 +336,32 @@ class _HostPositions:
             return k * global_batch + self.host * b + r
         tail = (self.total - full * global_batch) // self.hosts  # the last, partial global batch
         return full * global_batch + self.host * tail + (j - full * b)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WorkerOrder:
+    """The host stream reordered so that ``mp_prefetch`` workers yield the batches of no workers.
+
+    grain gives worker ``w`` of ``W`` the elements ``j = w + W*m`` (m = 0, 1, ...), which it
+    batches ``b`` at a time, and yields the workers' batches round robin: output batch ``n`` is
+    batch ``n // W`` of worker ``n % W``. Element ``j`` therefore lands in output batch
+    ``(m // b) * W + w`` at row ``m % b``, so it is given that batch's row of the host stream.
+    Each group of ``W * b`` elements is permuted within itself; a last, incomplete group (finite
+    streams only) is left as it is, so its few batches are grouped by worker."""
+
+    positions: Any
+    workers: int
+    batch: int
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, j: int) -> int:
+        group = self.workers * self.batch
+        if j >= len(self) // group * group:
+            return self.positions[j]
+        w, m = j % self.workers, j // self.workers
+        return self.positions[((m // self.batch) * self.workers + w) * self.batch + m % self.batch]
 
 
 @dataclasses.dataclass(frozen=True)
