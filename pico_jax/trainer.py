@@ -751,8 +751,6 @@ class Trainer:
         # collective); only the first writes the logs, the metrics and the sample sheets.
         logs = jax.process_index() == 0
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if logs:
-            (self.workdir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2, default=str))
         dataset = make_data(cfg)
         iterator = iter(dataset)
         mngr = self._manager()
@@ -762,6 +760,8 @@ class Trainer:
             _close_iterator(iterator)
             mngr.close()
             raise
+        if logs:  # after the restore: a checkpoint this run cannot resume leaves the run's config as it was
+            (self.workdir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2, default=str))
         metrics_path = self.workdir / "metrics.jsonl"
         if resumed and logs:
             _truncate_metrics(metrics_path, self.step)

@@ -87,11 +87,14 @@ def test_two_process_training_follows_one_process_through_a_resume(tmp_path):
     """Each process reads its block of every global batch (the data does not depend on the host
     count), the step is one collective program, orbax writes one checkpoint from both, and only the
     first process writes metrics and samples. With remat=auto every process compiles, and runs, the
-    policy they agree on (the device limit's minimum and each plan's maximum over processes)."""
+    policy they agree on (the device limit's minimum and each plan's maximum over processes). The
+    two processes read their data in 2 worker processes each (data_workers), the one process in
+    threads: the same batches."""
     base = ["train.py", "--config", "configs/tiny.py", "--no-progress", "--mesh", "data=2,fsdp=2",
             "--set", "checkpoint_every=3", "--set", "log_every=1", "--set", "remat=auto"]
-    _run_processes([*base, "--workdir", str(tmp_path / "two"), "--set", "steps=3"], 2)
-    _run_processes([*base, "--workdir", str(tmp_path / "two"), "--set", "steps=5"], 2)  # resumes at 3
+    workers = ["--set", "data_workers=2"]
+    _run_processes([*base, *workers, "--workdir", str(tmp_path / "two"), "--set", "steps=3"], 2)
+    _run_processes([*base, *workers, "--workdir", str(tmp_path / "two"), "--set", "steps=5"], 2)  # resumes at 3
     _run_one([*base, "--workdir", str(tmp_path / "one"), "--set", "steps=5"])
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in two] == [1, 2, 3, 4, 5] == [s for s, _ in one]  # one row per step

@@ -718,6 +718,7 @@ def test_cli_tiny_config_loss_goes_down(tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
     # Resumed with worker processes, the run's checkpoint (written without) is refused by name.
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    config = (tmp_path / "config.json").read_text()
     again = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
                             "--workdir", str(tmp_path), "--no-progress", "--set", "data_workers=2", "--steps", "1000"],
                            capture_output=True, text=True, env=env, timeout=600)
@@ -725,6 +726,7 @@ def test_cli_tiny_config_loss_goes_down(tmp_path):
     assert "train.py: error: " in again.stderr and "resume with --set data_workers=0" in again.stderr
     assert "Traceback" not in again.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == checkpoints
+    assert (tmp_path / "config.json").read_text() == config
 
 
 def test_cli_bad_flags(tmp_path):
