@@ -41,8 +41,8 @@ examples:
   python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set remat=full
   python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set device_memory_gib=40
   # more input threads for a many-core host (benchmarks/bench_data.py says whether a step waits),
-  # or worker processes, each with its own threads, where threads stop scaling (the same batches;
-  # a run resumes with the data_workers it was started with)
+  # or worker processes, each with its own threads, where threads stop scaling (the same batches,
+  # so a run may resume with other values of either)
   python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set data_threads=16
   python train.py --config configs/flux_dev_lora.py --workdir runs/lora --set data_workers=4 --set data_threads=4
   # multi-host: run the same command on every host (jax.distributed is initialized from the

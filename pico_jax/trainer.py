@@ -88,8 +88,8 @@ class TrainConfig:
     data_threads: int = 4
     # Worker processes per host (grain's mp_prefetch), each with data_threads read threads, for
     # where threads stop scaling (the GIL, or many cores). 0: none, everything in this process.
-    # The batches do not depend on it, but a checkpoint resumes only with the value it was written
-    # with (the iterator's state is per worker).
+    # The batches do not depend on it, and a run resumes with any value (the data restarts at
+    # the batch of the restored step).
     data_workers: int = 0
     # parallelism / bookkeeping
     mesh: str | None = None
@@ -420,7 +420,7 @@ def jit_train_step(step_fn, trainable, opt_shardings, ema, mesh):
 
 
 # ------------------------------------------------------------------------------ data
-def make_data(cfg: TrainConfig, shard_index=None, shard_count=None):
+def make_data(cfg: TrainConfig, shard_index=None, shard_count=None, start_batch: int = 0):
     from pico_jax.data.input_pipeline import FunctionSource, make_dataset
 
     kind = cfg.data.get("kind")
@@ -448,7 +448,7 @@ def make_data(cfg: TrainConfig, shard_index=None, shard_count=None):
     return make_dataset(
         source, batch_size=per_host, seed=cfg.seed, image_size=cfg.panel, augment=cfg.augment,
         shard_index=shard_index, shard_count=shard_count, num_threads=cfg.data_threads,
-        worker_count=cfg.data_workers,
+        worker_count=cfg.data_workers, start_batch=start_batch,
     )
 
 
@@ -604,10 +604,8 @@ class Trainer:
                                             create=True)
         return ocp.CheckpointManager(self.workdir.absolute() / "checkpoints", options=opts)
 
-    def save(self, mngr, iterator, force=False):
+    def save(self, mngr, force=False):
         import orbax.checkpoint as ocp
-
-        from pico_jax.data.input_pipeline import state_to_bytes
 
         state = {"trainable": self.trainable, "opt_state": self.opt_state, "step": self.step}
         if self.ema is not None:
@@ -616,18 +614,18 @@ class Trainer:
             self.step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave({"iterator": state_to_bytes(iterator).decode(),
-                                        "data_workers": self.cfg.data_workers,
+                # The data resumes at batch `step` of the host's stream (one batch a step), with any
+                # data_threads and data_workers; grain's iterator state would tie it to the workers.
+                data=ocp.args.JsonSave({"batches_read": self.step,
                                         "rng": {"seed": self.cfg.seed, "fold_in": "step"},
                                         "param_layout": PARAM_LAYOUT}),
             ),
             force=force,
         )
 
-    def restore(self, mngr, iterator) -> bool:
+    def restore(self, mngr) -> bool:
+        """The latest checkpoint's state, if any (True); the data then resumes at batch self.step."""
         import orbax.checkpoint as ocp
-
-        from pico_jax.data.input_pipeline import state_from_bytes
 
         latest = mngr.latest_step()
         if latest is None:
@@ -645,16 +643,12 @@ class Trainer:
                 f"{PARAM_LAYOUT!r} (fused qkv / linear1 / linear2 columns grouped by head since the eighteenth "
                 "session); its weights would load permuted. Export it with the pico_jax that wrote it "
                 "(Trainer.export or save_lora_diffusers) and start from that file.")
-        workers = restored["data"].get("data_workers", 0)
-        if workers != self.cfg.data_workers:
-            raise CheckpointError(
-                f"{self.workdir / 'checkpoints' / str(latest)}: its data iterator was saved with data_workers={workers} "
-                f"and this run has data_workers={self.cfg.data_workers}; grain's iterator state is per worker, so resume "
-                f"with --set data_workers={workers} (the batches are the same either way).")
         st = restored["state"]
-        self.trainable, self.opt_state, self.step = st["trainable"], st["opt_state"], int(st["step"])
+        step = int(st["step"])
+        check_data_position(restored["data"], step, self.cfg.batch_size // jax.process_count(),
+                            self.workdir / "checkpoints" / str(latest))
+        self.trainable, self.opt_state, self.step = st["trainable"], st["opt_state"], step
         self.ema = st.get("ema")
-        state_from_bytes(iterator, restored["data"]["iterator"].encode())
         return True
 
     # --- export ----------------------------------------------------------------------------
@@ -751,15 +745,13 @@ class Trainer:
         # collective); only the first writes the logs, the metrics and the sample sheets.
         logs = jax.process_index() == 0
         self.workdir.mkdir(parents=True, exist_ok=True)
-        dataset = make_data(cfg)
-        iterator = iter(dataset)
         mngr = self._manager()
         try:
-            resumed = self.restore(mngr, iterator)
+            resumed = self.restore(mngr)
         except BaseException:
-            _close_iterator(iterator)
             mngr.close()
             raise
+        iterator = iter(make_data(cfg, start_batch=self.step))
         if logs:  # after the restore: a checkpoint this run cannot resume leaves the run's config as it was
             (self.workdir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2, default=str))
         metrics_path = self.workdir / "metrics.jsonl"
@@ -849,13 +841,13 @@ class Trainer:
                                 if k != "step":
                                     writer.add_scalar(f"train/{k}", v, self.step)
                     if checkpoint_due:
-                        self.save(mngr, iterator)
+                        self.save(mngr)
                     if sample_due:
                         self.save_samples(sample_batch, self.workdir / "samples" / f"step_{self.step:06d}.png")
             if unread is not None:
                 read_loss()
             if mngr.latest_step() != self.step:
-                self.save(mngr, iterator, force=True)
+                self.save(mngr, force=True)
             mngr.wait_until_finished()
         finally:
             profiler.stop()
@@ -877,6 +869,23 @@ def _remat_line(report: dict) -> str:
     budget = ("no limit known" if report["budget_bytes_per_device"] is None else
               f"budget {gib(report['budget_bytes_per_device'])}, {report['headroom']:.0%} of {gib(report['device_limit_bytes'])}")
     return f"remat auto: {report['chosen']} (XLA's plan per device: {plans}; {budget})"
+
+
+def check_data_position(saved: dict, step: int, per_host: int, where) -> None:
+    """A checkpoint's data had read one batch a step. Its record says how many it read
+    ("batches_read", or before that a threads-only grain state's examples read); one that does not
+    match its step is refused, since resuming at batch `step` would then not continue its stream."""
+    read = saved.get("batches_read")
+    if read is None:
+        grain_state = json.loads(saved.get("iterator", "{}"))
+        if set(grain_state) != {"next_index"}:
+            return  # a worker-process state: nothing to compare with
+        examples = grain_state["next_index"]
+        read = examples / per_host
+    if read != step:
+        raise CheckpointError(f"{where}: saved at step {step} with its data stream at batch {read:g}, but the Trainer "
+                              "reads one batch a step, so this run cannot continue that stream. Start a new workdir "
+                              "from its weights (Trainer.export).")
 
 
 def _close_iterator(iterator) -> None:

@@ -365,14 +365,16 @@ def _channel_swap_example(i: int):
 
 def test_worker_processes_deliver_the_same_batches_and_resume(built):
     """worker_count > 0 (grain's mp_prefetch, spawned processes reading the TFDS files) yields the
-    batches of no workers, in order, and its iterator state resumes on the next batch."""
+    batches of no workers, in order; its iterator state resumes on the next batch, and so does
+    start_batch, with or without workers."""
     from pico_jax.data.input_pipeline import make_dataset, state_from_bytes, state_to_bytes
     from pico_jax.data.visrel import load_visrel
 
     src = load_visrel(built["data_dir"])
-    make = lambda w: make_dataset(src, batch_size=2, seed=5, image_size=16,  # noqa: E731
-                                  shard_index=1, shard_count=2, worker_count=w)
+    make = lambda w, start=0: make_dataset(src, batch_size=2, seed=5, image_size=16,  # noqa: E731
+                                           shard_index=1, shard_count=2, worker_count=w, start_batch=start)
     plain = _batches(make(0), 7)  # 14 examples > 6 per host per epoch: crosses epochs
+    _assert_same(_batches(make(0, start=4), 3), plain[4:])  # a position alone resumes the stream
     it = iter(make(3))
     try:
         got = [next(it) for _ in range(4)]
@@ -386,8 +388,15 @@ def test_worker_processes_deliver_the_same_batches_and_resume(built):
         _assert_same([next(resumed) for _ in range(3)], plain[4:])
     finally:
         resumed.close()
+    started = iter(make(2, start=4))  # ... with another worker count
+    try:
+        _assert_same([next(started) for _ in range(3)], plain[4:])
+    finally:
+        started.close()
     with pytest.raises(ValueError, match="worker_count must be >= 0"):
         make(-1)
+    with pytest.raises(ValueError, match="start_batch must be >= 0"):
+        make(0, start=-1)
 
 
 def test_worker_processes_on_a_finite_stream_keep_every_example():

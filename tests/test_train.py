@@ -125,17 +125,15 @@ def test_data_threads_change_the_speed_not_the_batches():
         Trainer(micro(data_threads=0), "/tmp/unused", progress=False, devices=jax.devices()[:1])
 
 
-def test_data_workers_train_the_same_run_and_resume_only_with_their_count(tmp_path):
-    """data_workers=2 (worker processes) trains on the batches of data_workers=0: the same losses,
-    also across a checkpoint and resume. A checkpoint written with workers is refused by a run
-    without them, by a CheckpointError naming the setting, before any step."""
+def test_data_workers_train_the_same_run_and_resume_with_any_count(tmp_path):
+    """data_workers=2 (worker processes) trains on the batches of data_workers=0: 3 steps with
+    workers, then 3 resumed without them, give the losses of 6 straight steps without, bit for
+    bit. The data resumes at the batch of the restored step, so the count may change."""
     one = jax.devices()[:1]
     straight = Trainer(micro(mesh="data=1"), tmp_path / "a", progress=False, devices=one)
     straight.run()
     Trainer(micro(mesh="data=1", data_workers=2, steps=3), tmp_path / "b", progress=False, devices=one).run()
-    with pytest.raises(CheckpointError, match=r"data_workers=2 .* --set data_workers=2"):
-        Trainer(micro(mesh="data=1"), tmp_path / "b", progress=False, devices=one).run()
-    resumed = Trainer(micro(mesh="data=1", data_workers=2), tmp_path / "b", progress=False, devices=one)
+    resumed = Trainer(micro(mesh="data=1", data_threads=1), tmp_path / "b", progress=False, devices=one)
     assert resumed.run() == {"status": "finished", "step": 6}
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -143,6 +141,21 @@ def test_data_workers_train_the_same_run_and_resume_only_with_their_count(tmp_pa
         assert ra["loss"] == rb["loss"], (ra, rb)
     with pytest.raises(ValueError, match="data_workers must be >= 0"):
         Trainer(micro(data_workers=-1), "/tmp/unused", progress=False, devices=one)
+
+
+def test_a_checkpoint_whose_data_position_is_not_its_step_is_refused(tmp_path):
+    """The data resumes at batch `step`; a checkpoint recording another position (a corrupt file,
+    or a writer that read batches differently) is refused by name, and a checkpoint from before
+    the position was recorded (grain's threads-only state, in examples) is checked the same way."""
+    from pico_jax.trainer import check_data_position
+
+    check_data_position({"batches_read": 4}, 4, 8, "ckpt")
+    check_data_position({"iterator": '{"next_index": 32}'}, 4, 8, "ckpt")  # before: 4 batches of 8
+    check_data_position({"iterator": '{"iterators_in_use_states": []}'}, 4, 8, "ckpt")  # workers: no position
+    with pytest.raises(CheckpointError, match=r"ckpt: saved at step 4 with its data stream at batch 5,"):
+        check_data_position({"batches_read": 5}, 4, 8, "ckpt")
+    with pytest.raises(CheckpointError, match=r"ckpt: saved at step 4 with its data stream at batch 4.5,"):
+        check_data_position({"iterator": '{"next_index": 36}'}, 4, 8, "ckpt")
 
 
 def test_profile_traces_exactly_the_asked_steps(tmp_path):
@@ -716,16 +729,19 @@ def test_cli_tiny_config_loss_goes_down(tmp_path):
     assert meta["sampling"]["steps"] == 3 and meta["sampling"]["seeds"] == 2
     assert meta["sampling"]["scorer"]["signal"] == "consensus" and meta["sampling"]["mu"] == 0.0
     assert list((tmp_path / "tensorboard").iterdir())
-    # Resumed with worker processes, the run's checkpoint (written without) is refused by name.
-    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    # A checkpoint the run cannot continue (here its data position edited) is refused in one line,
+    # before any step: nothing is trained, written or rewritten.
+    checkpoints = sorted((tmp_path / "checkpoints").iterdir(), key=lambda p: int(p.name))
+    (record,) = [f for f in checkpoints[-1].rglob("*") if f.is_file() and b'"batches_read"' in f.read_bytes()]
+    record.write_text(json.dumps({**json.loads(record.read_text()), "batches_read": 1}))
     config = (tmp_path / "config.json").read_text()
     again = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
-                            "--workdir", str(tmp_path), "--no-progress", "--set", "data_workers=2", "--steps", "1000"],
+                            "--workdir", str(tmp_path), "--no-progress", "--steps", "1000"],
                            capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 2, again.stderr[-3000:]
-    assert "train.py: error: " in again.stderr and "resume with --set data_workers=0" in again.stderr
+    assert "train.py: error: " in again.stderr and "with its data stream at batch 1," in again.stderr
     assert "Traceback" not in again.stderr
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == checkpoints
+    assert sorted((tmp_path / "checkpoints").iterdir(), key=lambda p: int(p.name)) == checkpoints
     assert (tmp_path / "config.json").read_text() == config
 
 

@@ -46,9 +46,12 @@ state is just a position and training resumes on exactly the next batch)::
   rounding). Without augmentation, panels are center-cropped to a square and resized to
   ``image_size`` only if needed.
 
-Checkpointing: ``it = iter(ds)`` is a ``grain.DatasetIterator``; ``it.get_state()`` is a small
-JSON-able dict, ``it.set_state(state)`` restores it (``state_to_bytes`` / ``state_from_bytes``
-here; or Orbax's ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)``).
+Checkpointing: a batch is a function of its position in the host stream alone, so
+``make_dataset(..., start_batch=n)`` resumes after n batches with any threads and workers (the
+Trainer's way: n is its step). Or ``it = iter(ds)`` is a ``grain.DatasetIterator``;
+``it.get_state()`` is a small JSON-able dict, ``it.set_state(state)`` restores it into an
+iterator of the same pipeline and worker count (``state_to_bytes`` / ``state_from_bytes`` here;
+or Orbax's ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)``).
 
 Procedural episodes: wrap a generator function in :class:`FunctionSource`, e.g. for
 ``pico_jax.data.relations.sample_episode(family, seed, size)`` (an Episode with float32 [0, 1]
@@ -252,6 +255,7 @@ def make_dataset(
     num_threads: int = 4,
     prefetch_buffer_size: int = 32,
     worker_count: int = 0,
+    start_batch: int = 0,
 ) -> EpisodeDataset:
     """Builds this host's batched, augmented episode stream from a random-access ``source``.
 
@@ -262,11 +266,15 @@ def make_dataset(
     ``worker_count > 0`` adds ``mp_prefetch`` worker processes, each running ``num_threads`` read
     threads (the source and its functions must then be picklable). The batches are the same as
     without workers (``_WorkerOrder``; on a finite stream, all but the last ``worker_count``
-    batches), but the iterator state is grain's per-worker one: resume with the same
-    ``worker_count``. Close the iterator with ``it.close()`` when done (it stops the workers).
+    batches), but the iterator state is grain's per-worker one, which only an iterator with the
+    same ``worker_count`` can restore. Close the iterator with ``it.close()`` when done (it stops
+    the workers). ``start_batch = n`` starts the stream at its batch n: the batches an iterator
+    yields after n batches, whatever the threads and workers, so a position alone resumes a stream.
     """
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= seed < 2**32:
@@ -298,6 +306,8 @@ def make_dataset(
     if num_epochs is not None:
         total -= total % shard_count
     positions = _HostPositions(total, batch_size, shard_count, shard_index)
+    if start_batch:
+        positions = _From(positions, start_batch * batch_size)
     if worker_count > 0:
         positions = _WorkerOrder(positions, worker_count, batch_size)
     ds = grain.MapDataset.range(len(positions)).map(_Read(ds, positions))
@@ -336,6 +346,20 @@ class _HostPositions:
             return k * global_batch + self.host * b + r
         tail = (self.total - full * global_batch) // self.hosts  # the last, partial global batch
         return full * global_batch + self.host * tail + (j - full * b)
+
+
+@dataclasses.dataclass(frozen=True)
+class _From:
+    """The host stream from its element ``start`` on (empty past its end)."""
+
+    positions: Any
+    start: int
+
+    def __len__(self) -> int:
+        return max(len(self.positions) - self.start, 0)
+
+    def __getitem__(self, j: int) -> int:
+        return self.positions[self.start + j]
 
 
 @dataclasses.dataclass(frozen=True)
