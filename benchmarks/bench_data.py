@@ -116,6 +116,7 @@ def build_visrel(cfg, episodes: int, root: str):
 
 def time_pipeline(cfg, hosts: int, batches: int) -> tuple[float, float]:
     """(seconds for the first batch, steady-state seconds per batch) of host 0's stream."""
+    from pico_jax.data.input_pipeline import close_iterator
     from pico_jax.trainer import make_data
 
     iterator = iter(make_data(cfg, shard_index=0, shard_count=hosts))
@@ -132,7 +133,7 @@ def time_pipeline(cfg, hosts: int, batches: int) -> tuple[float, float]:
             next(iterator)
         return first, (time.perf_counter() - t0) / batches
     finally:
-        iterator.close()
+        close_iterator(iterator)
 
 
 def main(argv: list[str] | None = None) -> int:

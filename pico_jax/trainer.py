@@ -751,6 +751,8 @@ class Trainer:
         except BaseException:
             mngr.close()
             raise
+        from pico_jax.data.input_pipeline import close_iterator
+
         iterator = iter(make_data(cfg, start_batch=self.step))
         if logs:  # after the restore: a checkpoint this run cannot resume leaves the run's config as it was
             (self.workdir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2, default=str))
@@ -851,7 +853,7 @@ class Trainer:
             mngr.wait_until_finished()
         finally:
             profiler.stop()
-            _close_iterator(iterator)
+            close_iterator(iterator)
             mngr.close()
             bar.close()
             signal.signal(signal.SIGTERM, old)
@@ -879,20 +881,13 @@ def check_data_position(saved: dict, step: int, per_host: int, where) -> None:
     if read is None:
         grain_state = json.loads(saved.get("iterator", "{}"))
         if set(grain_state) != {"next_index"}:
-            return  # a worker-process state: nothing to compare with
+            return  # no position to compare with (not the threads-only state earlier versions wrote)
         examples = grain_state["next_index"]
         read = examples / per_host
     if read != step:
         raise CheckpointError(f"{where}: saved at step {step} with its data stream at batch {read:g}, but the Trainer "
                               "reads one batch a step, so this run cannot continue that stream. Start a new workdir "
                               "from its weights (Trainer.export).")
-
-
-def _close_iterator(iterator) -> None:
-    """Stops the data workers (data_workers > 0); a threads-only iterator has nothing to stop."""
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
 
 
 def _first_of_global_batch(host: dict, n: int) -> dict:

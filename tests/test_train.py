@@ -151,7 +151,7 @@ def test_a_checkpoint_whose_data_position_is_not_its_step_is_refused(tmp_path):
 
     check_data_position({"batches_read": 4}, 4, 8, "ckpt")
     check_data_position({"iterator": '{"next_index": 32}'}, 4, 8, "ckpt")  # before: 4 batches of 8
-    check_data_position({"iterator": '{"iterators_in_use_states": []}'}, 4, 8, "ckpt")  # workers: no position
+    check_data_position({"iterator": '{"iterators_in_use_states": []}'}, 4, 8, "ckpt")  # no position in it
     with pytest.raises(CheckpointError, match=r"ckpt: saved at step 4 with its data stream at batch 5,"):
         check_data_position({"batches_read": 5}, 4, 8, "ckpt")
     with pytest.raises(CheckpointError, match=r"ckpt: saved at step 4 with its data stream at batch 4.5,"):

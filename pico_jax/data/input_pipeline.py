@@ -415,6 +415,14 @@ def state_from_bytes(iterator: grain.DatasetIterator, state: bytes | str) -> gra
     return iterator
 
 
+def close_iterator(iterator: Any) -> None:
+    """Stops an iterator's worker processes (``worker_count > 0``); grain releases its threads too.
+    A no-op for iterators without ``close`` (grain before it had one: ``grain>=0.2.10`` is allowed)."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
 def take(iterator: Iterator[Any], n: int) -> list[Any]:
     """The next ``n`` batches of an iterator (helper for tests and evaluation)."""
     return [next(iterator) for _ in range(n)]
